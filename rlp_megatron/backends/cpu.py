@@ -1,0 +1,443 @@
+"""Run the real Megatron-Core code on CPU over gloo.
+
+Megatron-Core assumes CUDA in three ways, and this module answers each at the device layer
+instead of re-implementing any Megatron code path:
+
+1. Tensor placement. Megatron passes ``device="cuda"`` / ``torch.cuda.current_device()`` to
+   factory functions, calls ``Tensor.cuda()``, ``.to("cuda")`` and ``pin_memory``. A global
+   :class:`torch.overrides.TorchFunctionMode` rewrites those to CPU. It also answers a no-argument
+   ``Tensor.type()`` with the CUDA type name, because the optimizer and grad clipping branch on
+   ``param.type() == "torch.cuda.FloatTensor"``.
+2. The ``torch.cuda`` runtime API: RNG state (mapped onto the CPU default generator, so Megatron's
+   model-parallel RNG tracker forks and restores the CPU stream exactly as it would the CUDA one),
+   streams, events (timed with ``perf_counter``), device properties, memory statistics.
+3. Megatron-level CUDA assumptions: ``initialize_megatron`` refuses to start without CUDA, compiles
+   dataset helpers with a Makefile the wheel lacks and warms up ``torch.compile`` fusions (~27 s per
+   process); the inference stack asserts ``tensor.is_cuda`` on pipeline sends and uses
+   flash-attention / Triton kernels; the Mamba mixer needs mamba-ssm / causal-conv1d kernels
+   (routed to :mod:`rlp_megatron.backends.mamba_torch`).
+
+The backend is enabled automatically on ``import rlp_megatron`` when CUDA is unavailable and is
+never enabled when CUDA is available. It is idempotent. Features that gloo cannot serve on CPU are
+refused at startup by :func:`check_cpu_args` with one line naming the flag to drop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import types
+import warnings
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED = False
+_MODE: TorchFunctionMode | None = None
+
+_CUDA_TYPE = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
+    "torch.LongTensor": "torch.cuda.LongTensor",
+    "torch.IntTensor": "torch.cuda.IntTensor",
+    "torch.ByteTensor": "torch.cuda.ByteTensor",
+    "torch.BoolTensor": "torch.cuda.BoolTensor",
+}
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # Megatron passes torch.cuda.current_device() (an int) as a device.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _map_device(device):
+    return _CPU if _is_cuda_device(device) else device
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placement requests to CPU for every torch function call."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.pin_memory or func is torch.Tensor.is_pinned:
+            return args[0] if func is torch.Tensor.pin_memory else False
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE.get(name, name)
+        if "device" in kwargs:
+            kwargs["device"] = _map_device(kwargs["device"])
+        if "pin_memory" in kwargs:
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1:
+            first = args[1]
+            if isinstance(first, (str, torch.device, int)) and not isinstance(first, bool):
+                args = (args[0], _map_device(first), *args[2:])
+        return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.cuda stand-ins. Each patched attribute gets its own function object: torch._dynamo maps
+# them by id and rejects one callable assigned to several attributes.
+
+
+class _Event:
+    """torch.cuda.Event stand-in; elapsed_time in milliseconds like CUDA events."""
+
+    def __init__(self, enable_timing=False, blocking=False, interprocess=False, **_):
+        self._t = None
+
+    def record(self, stream=None):
+        self._t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, end):
+        return (end._t - self._t) * 1000.0
+
+
+class _Stream:
+    """torch.cuda.Stream stand-in: CPU work is already ordered."""
+
+    def __init__(self, device=None, priority=0, **_):
+        self.device = _CPU
+        self.priority = priority
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        event = event or _Event()
+        event.record()
+        return event
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    @staticmethod
+    def priority_range():
+        return (0, 0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_DEFAULT_STREAM = _Stream()
+
+
+class _DeviceProps:
+    name = "cpu"
+    major = 9
+    minor = 0
+    total_memory = 64 * 1024**3
+    multi_processor_count = 1
+    gcnArchName = ""
+    L2_cache_size = 0
+    warp_size = 32
+
+
+def _patch_torch_cuda():
+    cuda = torch.cuda
+    gen = torch.default_generator
+
+    def current_device():
+        return 0
+
+    def device_count():
+        # Megatron only sets up the model-parallel RNG and mpu when device_count() > 0.
+        return 1
+
+    def is_available():
+        return False
+
+    def set_device(device):
+        pass
+
+    def synchronize(device=None):
+        pass
+
+    def empty_cache():
+        pass
+
+    def get_rng_state(device="cuda"):
+        return gen.get_state()
+
+    def random_get_rng_state(device="cuda"):
+        return gen.get_state()
+
+    def set_rng_state(new_state, device="cuda"):
+        gen.set_state(new_state)
+
+    def random_set_rng_state(new_state, device="cuda"):
+        gen.set_state(new_state)
+
+    def manual_seed(seed):
+        # Not torch.manual_seed: it calls back into cuda.manual_seed_all.
+        gen.manual_seed(int(seed))
+
+    def manual_seed_all(seed):
+        pass
+
+    def seed():
+        gen.seed()
+
+    def seed_all():
+        pass
+
+    def current_stream(device=None):
+        return _DEFAULT_STREAM
+
+    def default_stream(device=None):
+        return _DEFAULT_STREAM
+
+    def set_stream(stream):
+        pass
+
+    def get_device_properties(device=None):
+        return _DeviceProps()
+
+    def get_device_capability(device=None):
+        return (9, 0)
+
+    def get_device_name(device=None):
+        return "cpu"
+
+    def is_current_stream_capturing():
+        return False
+
+    def memory_allocated(device=None):
+        return 0
+
+    def max_memory_allocated(device=None):
+        return 0
+
+    def memory_reserved(device=None):
+        return 0
+
+    def max_memory_reserved(device=None):
+        return 0
+
+    def memory_stats(device=None):
+        return {}
+
+    def reset_peak_memory_stats(device=None):
+        pass
+
+    def mem_get_info(device=None):
+        return (_DeviceProps.total_memory, _DeviceProps.total_memory)
+
+    @contextlib.contextmanager
+    def stream(s=None):
+        yield
+
+    class device:  # noqa: N801 - mirrors torch.cuda.device
+        def __init__(self, device=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class _Generators(tuple):
+        pass
+
+    patches = dict(
+        current_device=current_device,
+        device_count=device_count,
+        is_available=is_available,
+        set_device=set_device,
+        synchronize=synchronize,
+        empty_cache=empty_cache,
+        get_rng_state=get_rng_state,
+        set_rng_state=set_rng_state,
+        manual_seed=manual_seed,
+        manual_seed_all=manual_seed_all,
+        seed=seed,
+        seed_all=seed_all,
+        current_stream=current_stream,
+        default_stream=default_stream,
+        set_stream=set_stream,
+        stream=stream,
+        Stream=_Stream,
+        Event=_Event,
+        device=device,
+        get_device_properties=get_device_properties,
+        get_device_capability=get_device_capability,
+        get_device_name=get_device_name,
+        is_current_stream_capturing=is_current_stream_capturing,
+        memory_allocated=memory_allocated,
+        max_memory_allocated=max_memory_allocated,
+        memory_reserved=memory_reserved,
+        max_memory_reserved=max_memory_reserved,
+        memory_stats=memory_stats,
+        reset_peak_memory_stats=reset_peak_memory_stats,
+        mem_get_info=mem_get_info,
+        default_generators=_Generators((gen,)),
+    )
+    for name, value in patches.items():
+        setattr(cuda, name, value)
+    cuda.random.get_rng_state = random_get_rng_state
+    cuda.random.set_rng_state = random_set_rng_state
+    # Keep NVTX ranges harmless (they are no-ops without CUDA in recent torch, but be explicit).
+    cuda.nvtx = types.SimpleNamespace(
+        range_push=lambda *a, **k: None,
+        range_pop=lambda *a, **k: None,
+        range=contextlib.nullcontext,
+        mark=lambda *a, **k: None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron-level patches.
+
+
+def _patch_megatron():
+    from megatron.core.tensor_parallel import random as tp_random
+
+    def _get_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.default_generator.get_state()
+
+    def _set_cuda_rng_state(new_state, device=-1, graph_safe=False):
+        torch.default_generator.set_state(new_state)
+
+    tp_random._get_cuda_rng_state = _get_cuda_rng_state
+    tp_random._set_cuda_rng_state = _set_cuda_rng_state
+
+    from megatron.core.inference import communication_utils
+
+    def _is_cuda(tensor):
+        assert tensor is not None
+
+    communication_utils._is_cuda = _is_cuda
+
+    try:
+        from megatron.core.inference.contexts import dynamic_context
+
+        dynamic_context.triton_append_key_value_cache = None
+    except ImportError:  # pragma: no cover - older/newer layouts
+        pass
+
+    from megatron.training import initialize as mt_initialize
+    from megatron.training import training as mt_training
+
+    if not getattr(mt_initialize.initialize_megatron, "_rlp_cpu", False):
+        orig_initialize = mt_initialize.initialize_megatron
+
+        def initialize_megatron(*args, **kwargs):
+            kwargs["allow_no_cuda"] = True
+            return orig_initialize(*args, **kwargs)
+
+        initialize_megatron._rlp_cpu = True
+        mt_initialize.initialize_megatron = initialize_megatron
+        mt_training.initialize_megatron = initialize_megatron
+
+    def set_jit_fusion_options(tp_size=None):
+        # The fusion warm-up is a torch.compile of CUDA kernels; on CPU it costs ~27 s a process.
+        pass
+
+    mt_initialize.set_jit_fusion_options = set_jit_fusion_options
+    mt_training.set_jit_fusion_options = set_jit_fusion_options
+
+    from megatron.core.datasets import utils as ds_utils
+
+    def compile_helpers():
+        # The wheel ships the compiled helpers extension but not the Makefile.
+        pass
+
+    ds_utils.compile_helpers = compile_helpers
+
+    from rlp_megatron.backends import mamba_torch
+
+    mamba_torch.install()
+
+
+def enable_cpu_backend(force: bool = False) -> bool:
+    """Enable the CPU backend; returns True when it is (or already was) active.
+
+    Never enables when CUDA is available unless ``force`` (used by nothing in production; it exists
+    so a GPU developer can reproduce a CPU CI failure).
+    """
+    global _ENABLED, _MODE
+    if _ENABLED:
+        return True
+    if torch.cuda.is_available() and not force:
+        return False
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # validate_args insists on it for TP/CP (a CUDA stream-ordering requirement); meaningless here.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    _patch_torch_cuda()
+    _MODE = CudaToCpuMode()
+    _MODE.__enter__()
+    _ENABLED = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _patch_megatron()
+    return True
+
+
+def cpu_backend_enabled() -> bool:
+    return _ENABLED
+
+
+@contextlib.contextmanager
+def suspended():
+    """Temporarily leave the CUDA→CPU torch-function mode (e.g. around third-party code)."""
+    if not _ENABLED:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
+
+
+# Megatron features that need NCCL/CUDA-only collectives or kernels; each entry:
+# (predicate on args, the flag to drop, why).
+_UNSUPPORTED_ON_CPU = (
+    (lambda a: getattr(a, "transformer_impl", "local") == "transformer_engine",
+     "--transformer-impl transformer_engine", "use --transformer-impl local"),
+    (lambda a: getattr(a, "sequence_parallel", False),
+     "--sequence-parallel", "gloo has no reduce-scatter on CPU tensors of this layout"),
+    (lambda a: getattr(a, "fp16", False) or getattr(a, "bf16", False),
+     "--fp16/--bf16", "CPU runs are fp32"),
+    (lambda a: getattr(a, "tp_comm_overlap", False), "--tp-comm-overlap", "needs CUDA userbuffers"),
+    (lambda a: getattr(a, "use_flash_attn", False), "--use-flash-attn", "needs CUDA"),
+    (lambda a: getattr(a, "cuda_graph_impl", "none") != "none", "--cuda-graph-impl", "needs CUDA"),
+    (lambda a: getattr(a, "gradient_accumulation_fusion", False),
+     "gradient accumulation fusion", "pass --no-gradient-accumulation-fusion"),
+)
+
+
+def check_cpu_args(args) -> None:
+    """Fail at startup, in one line naming the flag, for features the CPU backend cannot run."""
+    if not _ENABLED:
+        return
+    for pred, flag, why in _UNSUPPORTED_ON_CPU:
+        if pred(args):
+            raise SystemExit(f"rlp_megatron: {flag} is not supported on the CPU backend ({why}); "
+                             f"drop it for CPU runs.")

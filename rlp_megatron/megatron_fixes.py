@@ -1,0 +1,106 @@
+"""Narrow fixes for Megatron-Core bugs that break exact resume; installed by `rlp_megatron.train`.
+
+Megatron's ``DistributedOptimizer`` wraps plain ``torch.optim.Adam/AdamW`` whenever neither apex nor
+Transformer Engine provides a fused Adam ("Falling back to Torch optimizers"): on our CPU backend,
+and on any GPU install without them. megatron-core 0.19.x has three resume bugs on that path:
+
+1. ``state_dict()`` before the first optimizer step (e.g. the checkpoint loader builds a template
+   state dict) asserts ``len(steps) == 1``: torch Adam allocates its state lazily, so there are no
+   steps yet. Fix: allocate the Adam state eagerly (``step=0``, zero moments), which is exactly what
+   torch's lazy initialisation would create at the first step.
+2. ``load_state_dict()`` assigns *one* ``step`` tensor object to every parameter's state. Torch Adam
+   increments each parameter's ``step`` in place, so the shared tensor advances once per parameter
+   per iteration (5 → 33 → 61 with 28 parameters) and bias correction is silently wrong after a
+   resume. Fix: give every parameter its own copy after loading.
+3. The ``dp_reshardable`` parameter-state loader copies into the fp32 main parameters without
+   ``torch.no_grad()`` ("a view of a leaf Variable that requires grad is being used in an in-place
+   operation") and copies the checkpoint template's ``step`` over the real one. Fix: run
+   ``_set_main_param_and_optimizer_states`` under ``no_grad`` and skip ``step`` there, as Megatron's
+   other two loaders (fully reshardable, fs model space) already do.
+
+Set ``RLP_MEGATRON_MEGATRON_FIXES=0`` to run without them (the tests use it to show each bug).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_INSTALLED = False
+
+
+def _torch_adam_without_fused_backend() -> bool:
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE
+
+
+def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Allocate torch Adam/AdamW state now, identical to what its first step() would create."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if len(state) > 0:
+                continue
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad", False):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _unshare_steps(optimizer: torch.optim.Optimizer) -> None:
+    seen = set()
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            if id(step) in seen:
+                state["step"] = step.detach().clone()
+            seen.add(id(state["step"]))
+
+
+def install() -> None:
+    """Install the fixes (idempotent; no-op when apex/TE fused Adam is in use)."""
+    global _INSTALLED
+    if _INSTALLED or os.environ.get("RLP_MEGATRON_MEGATRON_FIXES", "1") == "0":
+        return
+    _INSTALLED = True
+    if not _torch_adam_without_fused_backend():
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    orig_state_dict = DistributedOptimizer.state_dict
+    orig_load_state_dict = DistributedOptimizer.load_state_dict
+    orig_set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(orig_state_dict)
+    def state_dict(self):
+        _ensure_adam_state(self.optimizer)  # fix 1
+        return orig_state_dict(self)
+
+    @functools.wraps(orig_load_state_dict)
+    def load_state_dict(self, state_dict):
+        _ensure_adam_state(self.optimizer)  # fix 1: reuse the state instead of dummy tensors
+        result = orig_load_state_dict(self, state_dict)
+        _unshare_steps(self.optimizer)  # fix 2
+        return result
+
+    @functools.wraps(orig_set_states)
+    def set_main_param_and_optimizer_states(self, model_param, tensors):
+        tensors = {k: v for k, v in tensors.items() if k != "step"}  # fix 3
+        # The destination may hold a `step` entry; give it a value it already has.
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        step = self.optimizer.state.get(main_param, {}).get("step")
+        if isinstance(step, torch.Tensor):
+            tensors["step"] = step.detach().clone()
+        with torch.no_grad():  # fix 3
+            return orig_set_states(self, model_param, tensors)
+
+    DistributedOptimizer.state_dict = state_dict
+    DistributedOptimizer.load_state_dict = load_state_dict
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states

@@ -1,0 +1,103 @@
+"""Forward passes through Megatron's static inference context (KV cache and Mamba states).
+
+Thin wrappers around ``model(..., inference_context=ctx)`` that keep the bookkeeping Megatron
+leaves to its engines in one place: ``sequence_len_offset`` advances by the number of tokens fed,
+logits stay vocab-parallel (never gathered), and the cache can be replicated along the batch
+dimension so that one prefill per context serves G rollouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.utils import InferenceMode
+from megatron.core.utils import get_attr_wrapped_model
+
+
+@contextlib.contextmanager
+def inference_mode(model):
+    """Run ``model`` as Megatron's inference engines do, and leave that state cleanly on exit.
+
+    * ``InferenceMode`` on: Mamba mixers only read/update their cached conv/SSM states under it.
+    * ``eval()``: no dropout while sampling; the previous train/eval mode is restored.
+    * Vocab-parallel output: under ``InferenceMode`` Megatron asserts that logits are gathered
+      across TP ranks; we pass ``runtime_gather_output=True`` to satisfy the assertion and make the
+      output layer skip the gather, so sampling and log-probs stay on vocab shards.
+    * ``torch.no_grad()`` rather than ``torch.inference_mode()``: tensors made here (thought
+      tokens) feed a later forward with grad.
+    Megatron's own engines leave ``InferenceMode`` set after they run; this context always unsets it.
+    """
+    was_training = model.training
+    output_layer = None
+    if get_attr_wrapped_model(model, "post_process"):
+        output_layer = get_attr_wrapped_model(model, "output_layer")
+    if output_layer is not None:
+        original_forward = output_layer.forward
+
+        def forward(input_, weight=None, runtime_gather_output=None, **kwargs):
+            return original_forward(input_, weight=weight, runtime_gather_output=False, **kwargs)
+
+        output_layer.forward = forward
+    model.eval()
+    InferenceMode.set_active()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        InferenceMode.unset_active()
+        if output_layer is not None:
+            del output_layer.forward  # back to the class method
+        model.train(was_training)
+
+
+def new_context(max_batch_size: int, max_sequence_length: int) -> StaticInferenceContext:
+    return StaticInferenceContext(max_batch_size, max_sequence_length)
+
+
+def forward_with_cache(model, tokens: torch.Tensor, ctx: StaticInferenceContext) -> torch.Tensor:
+    """Feed ``tokens`` [b, s] at positions ctx.sequence_len_offset... ; returns the vocab-parallel
+    logits of the last position, [b, V/tp]."""
+    b, s = tokens.shape
+    start = ctx.sequence_len_offset
+    position_ids = torch.arange(start, start + s, device=tokens.device)[None].expand(b, s)
+    if s > 1:
+        ctx.enable_prefill_mode()
+    else:
+        ctx.enable_decode_mode()
+    logits = model(tokens, position_ids, None, inference_context=ctx, runtime_gather_output=True)
+    ctx.sequence_len_offset += s
+    return logits[:, -1, :]
+
+
+def token_logprobs(vocab_parallel_logits: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T)[target] without gathering the vocabulary; any leading shape."""
+    logits = vocab_parallel_logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    flat = logits.reshape(-1, 1, logits.shape[-1])
+    return -tensor_parallel.vocab_parallel_cross_entropy(flat, targets.reshape(-1, 1)).reshape(
+        targets.shape
+    )
+
+
+@torch.no_grad()
+def compare_decode_to_teacher_forcing(model, tokens: torch.Tensor, prefill_len: int):
+    """Per-token log-probs of ``tokens[:, prefill_len:]`` from KV-cache decoding and from one
+    teacher-forced forward. Returns (decode [b, n], teacher_forced [b, n])."""
+    b, s = tokens.shape
+    ctx = new_context(b, s)
+    decode = []
+    with inference_mode(model):
+        last = forward_with_cache(model, tokens[:, :prefill_len], ctx)
+        for i in range(prefill_len, s):
+            decode.append(token_logprobs(last, tokens[:, i]))
+            if i + 1 < s:
+                last = forward_with_cache(model, tokens[:, i : i + 1], ctx)
+    position_ids = torch.arange(s)[None].expand(b, s)
+    full = model(tokens, position_ids, None)  # [b, s, V/tp]
+    tf = token_logprobs(full[:, prefill_len - 1 : s - 1], tokens[:, prefill_len:])
+    return torch.stack(decode, dim=1), tf

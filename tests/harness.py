@@ -1,0 +1,82 @@
+"""Shared helpers for tests that launch real Megatron-Core processes on CPU/gloo via torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One CPU-safe flag set; every tiny model below adds its geometry to it.
+CPU_FLAGS = [
+    "--transformer-impl", "local",
+    "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+    "--distributed-backend", "gloo", "--use-cpu-initialization",
+    "--hidden-dropout", "0", "--attention-dropout", "0",
+]
+
+# Vocab padding must not depend on TP (128 is a multiple of 64·TP for TP ≤ 2), else layouts differ.
+TINY_DATA = [
+    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+    "--make-vocab-size-divisible-by", "64", "--seed", "1234",
+]
+
+TINY_GPT = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "64", "--max-position-embeddings", "64",
+    "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
+    "--normalization", "RMSNorm", "--swiglu",
+    *CPU_FLAGS, *TINY_DATA,
+]
+
+# Nemotron-H style pattern scaled down (Mamba, MLP and attention layers; 8 so PP=2 splits evenly).
+TINY_HYBRID = [
+    "--hybrid-layer-pattern", "M-*-M-M-", "--num-layers", "8",
+    "--hidden-size", "64", "--ffn-hidden-size", "128",
+    "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2",
+    "--mamba-num-heads", "4", "--mamba-head-dim", "16", "--mamba-state-dim", "16",
+    "--mamba-num-groups", "2",
+    "--seq-length", "64", "--max-position-embeddings", "64",
+    "--position-embedding-type", "none", "--untie-embeddings-and-output-weights",
+    "--normalization", "RMSNorm", "--squared-relu",
+    *CPU_FLAGS, *TINY_DATA,
+]
+
+TRAIN_FLAGS = [
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--min-lr", "1e-3",
+    "--lr-decay-style", "constant", "--log-interval", "1", "--eval-iters", "0",
+    "--eval-interval", "1000",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, target: list[str], *, timeout: int = 600, env: dict | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m torch.distributed.run --nproc-per-node N <target...>` from the repo root."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *target,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        raise AssertionError(f"torchrun failed (rc={proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return proc
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
