@@ -1,12 +1,153 @@
-"""The `--objective` flag and the `--rlp-*` argument group (placeholder, filled in by the RLP step)."""
+"""``--objective`` and the ``--rlp-*`` argument group, and their startup validation.
+
+Each flag maps to one name used everywhere else: ``--rlp-group-size`` ↔ ``args.rlp_group_size`` ↔
+``RLPConfig.group_size`` ↔ metric ``rlp/group_size``. Validation runs right after Megatron's own
+(``parse_and_validate_args``), before any model is built, and fails with one line naming the flag
+and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RLPConfig:
+    """The RLP hyper-parameters; defaults are the paper's (rlp_spec §1.8)."""
+
+    group_size: int = 16
+    thought_length: int = 2048
+    context_length: int = 2048
+    min_context: int = 32
+    temperature: float = 0.7
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    ema_decay: float = 0.999
+    unclosed: str = "score"
+    rollout_micro_batch_size: int = 0
+    seed: int = 1234
+
+    @classmethod
+    def from_args(cls, args) -> "RLPConfig":
+        return cls(**{f.name: getattr(args, f"rlp_{f.name}") for f in dataclasses.fields(cls)})
 
 
 def add_rlp_args(parser):
-    group = parser.add_argument_group(title="rlp")
-    group.add_argument("--objective", choices=("ntp", "rlp"), default="ntp",
-                       help="Training objective: next-token prediction or RLP.")
+    g = parser.add_argument_group(title="rlp", description="RLP objective (arXiv 2510.01265)")
+    g.add_argument("--objective", choices=("ntp", "rlp"), default="ntp",
+                   help="Training objective: next-token prediction (Megatron's) or RLP.")
+    d = RLPConfig()
+    g.add_argument("--rlp-group-size", type=int, default=d.group_size,
+                   help="G: thoughts sampled per context (≥ 2). --global-batch-size counts "
+                        "thoughts (rows) and must be a multiple of G.")
+    g.add_argument("--rlp-thought-length", type=int, default=d.thought_length,
+                   help="Maximum thought tokens (the paper's completion length).")
+    g.add_argument("--rlp-context-length", type=int, default=d.context_length,
+                   help="Maximum context tokens before the sampled position.")
+    g.add_argument("--rlp-min-context", type=int, default=d.min_context,
+                   help="Positions need at least this many same-document tokens before them.")
+    g.add_argument("--rlp-temperature", type=float, default=d.temperature,
+                   help="Sampling temperature of thoughts (> 0).")
+    g.add_argument("--rlp-clip-eps-low", type=float, default=d.clip_eps_low,
+                   help="PPO clip ε_low: ratio floor 1 − ε_low, in [0, 1).")
+    g.add_argument("--rlp-clip-eps-high", type=float, default=d.clip_eps_high,
+                   help="PPO clip ε_high: ratio ceiling 1 + ε_high, ≥ 0.")
+    g.add_argument("--rlp-ema-decay", type=float, default=d.ema_decay,
+                   help="τ of the EMA teacher φ ← τφ + (1−τ)θ, in [0, 1].")
+    g.add_argument("--rlp-think-tokens", nargs=2, metavar=("OPEN", "CLOSE"), default=None,
+                   help="Thought delimiters, each a single token of the tokenizer "
+                        "(default '<think>' '</think>'; NullTokenizer: the two ids below eod).")
+    g.add_argument("--rlp-prompt-file", type=str, default=None,
+                   help="Text file prepended to every prompt (e.g. the paper's v2 prompt, "
+                        "rlp_megatron.data.PAPER_PROMPT_V2). Off by default.")
+    g.add_argument("--rlp-unclosed", choices=("score", "zero"), default=d.unclosed,
+                   help="Thoughts that hit --rlp-thought-length without </think>: 'score' appends "
+                        "</think> and scores x_t as usual; 'zero' gives them zero advantage and "
+                        "leaves them out of their group's baseline.")
+    g.add_argument("--rlp-rollout-micro-batch-size", type=int, default=d.rollout_micro_batch_size,
+                   help="Rows decoded together (bounds KV-cache/Mamba-state memory); 0 = all "
+                        "rows of a data-parallel rank at once.")
+    g.add_argument("--rlp-seed", type=int, default=None,
+                   help="Seed of positions and thought sampling (default: --seed).")
+    g.add_argument("--rlp-metrics-file", type=str, default=None,
+                   help="Append one JSON line of exact per-iteration metrics (both objectives).")
+    g.add_argument("--rlp-dump-rollouts", type=str, default=None,
+                   help="Directory: save each RLP step's rollout (thoughts, scores, advantages) "
+                        "per data-parallel rank, for inspection and tests.")
     return parser
 
 
-def validate_rlp_args(args):
-    pass
+def _fail(msg: str):
+    raise SystemExit(f"rlp_megatron: {msg}")
+
+
+def validate_rlp_args(args) -> None:
+    """Startup checks (before the model exists); exits with one line naming the flag."""
+    if args.rlp_seed is None:
+        args.rlp_seed = args.seed
+    if args.rlp_group_size < 2:
+        _fail(f"--rlp-group-size must be an integer >= 2 (got {args.rlp_group_size})")
+    for flag in ("thought_length", "context_length"):
+        value = getattr(args, f"rlp_{flag}")
+        if value < 1:
+            _fail(f"--rlp-{flag.replace('_', '-')} must be >= 1 (got {value})")
+    if args.rlp_min_context < 1:
+        _fail(f"--rlp-min-context must be >= 1 (got {args.rlp_min_context})")
+    if not args.rlp_temperature > 0:
+        _fail(f"--rlp-temperature must be > 0 (got {args.rlp_temperature})")
+    if not 0 <= args.rlp_clip_eps_low < 1:
+        _fail(f"--rlp-clip-eps-low must be in [0, 1) (got {args.rlp_clip_eps_low})")
+    if not args.rlp_clip_eps_high >= 0:
+        _fail(f"--rlp-clip-eps-high must be >= 0 (got {args.rlp_clip_eps_high})")
+    if not 0 <= args.rlp_ema_decay <= 1:
+        _fail(f"--rlp-ema-decay must be in [0, 1] (got {args.rlp_ema_decay})")
+    if args.rlp_rollout_micro_batch_size < 0:
+        _fail("--rlp-rollout-micro-batch-size must be >= 0 (0 = all rows at once)")
+    if args.objective != "rlp":
+        return
+    if args.global_batch_size % args.rlp_group_size != 0:
+        _fail(f"--global-batch-size ({args.global_batch_size}) must be a multiple of "
+              f"--rlp-group-size ({args.rlp_group_size}): it counts thoughts (rows)")
+    prompt_len = _prompt_prefix_length(args)
+    need = prompt_len + args.rlp_context_length + 1 + args.rlp_thought_length + 1 + 1
+    limit = min(args.seq_length, args.max_position_embeddings)
+    if need - 1 > limit:
+        _fail(f"--rlp-context-length ({args.rlp_context_length}) + --rlp-thought-length "
+              f"({args.rlp_thought_length}) + 2 delimiters + target"
+              f"{f' + {prompt_len} prompt tokens' if prompt_len else ''} = {need - 1} exceeds "
+              f"--seq-length/--max-position-embeddings ({limit}); lower them or raise --seq-length")
+    for flag, name in (("context_parallel_size", "--context-parallel-size"),):
+        if getattr(args, flag, 1) > 1:
+            _fail(f"{name} > 1 is not supported with --objective rlp")
+    if getattr(args, "virtual_pipeline_model_parallel_size", None):
+        _fail("virtual pipeline stages (--num-layers-per-virtual-pipeline-stage) are not "
+              "supported with --objective rlp")
+    if args.pipeline_model_parallel_size > 1:
+        _fail("--pipeline-model-parallel-size > 1 is not supported with --objective rlp yet")
+    _check_think_tokens(args)
+
+
+def _tokenizer(args):
+    from megatron.training import get_tokenizer
+
+    return get_tokenizer()
+
+
+def _prompt_prefix_length(args) -> int:
+    if not args.rlp_prompt_file:
+        return 0
+    from rlp_megatron.data import load_prompt_tokens
+
+    try:
+        return len(load_prompt_tokens(_tokenizer(args), args.rlp_prompt_file))
+    except OSError as exc:
+        _fail(f"--rlp-prompt-file: cannot read {args.rlp_prompt_file!r} ({exc.strerror})")
+
+
+def _check_think_tokens(args) -> None:
+    from rlp_megatron.data import resolve_think_tokens
+
+    try:
+        resolve_think_tokens(_tokenizer(args), args.rlp_think_tokens)
+    except ValueError as exc:
+        _fail(str(exc))

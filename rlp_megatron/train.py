@@ -2,15 +2,29 @@
 
 This is the one module that talks to ``megatron.training``. It takes every flag of Megatron-LM's
 ``pretrain_gpt.py`` (or ``pretrain_hybrid.py`` when ``--hybrid-layer-pattern`` is given) plus one
-``--rlp-*`` argument group, and calls Megatron's own ``pretrain()`` with our ``forward_step``.
+``--rlp-*`` argument group, and calls Megatron's own ``pretrain()``.
 
-    torchrun --nproc-per-node 8 -m rlp_megatron.train <Megatron flags> --objective ntp
+    torchrun --nproc-per-node 8 -m rlp_megatron.train <Megatron flags> --objective rlp
+
+Megatron-LM's ``train()`` has no hook API, so the seams are module-level functions of
+``megatron.training.training`` that ``train()`` looks up at call time (installed by
+:func:`install_hooks`, nothing else is changed):
+
+* ``train_step``: an RLP iteration runs :class:`rlp_megatron.step.RLPStep` (positions, rollout,
+  scoring) and then Megatron's own ``train_step`` on the rollout's micro-batches; after every
+  optimizer step that was not skipped the EMA teacher is updated. RLP metrics join the loss dict,
+  so Megatron prints them in its iteration line and writes them to TensorBoard/W&B.
+* ``num_floating_point_operations``: Megatron's FLOP count assumes NTP over ``--seq-length``; for
+  RLP steps it is replaced by the FLOPs actually run (rollout + scoring + teacher + update), so
+  ``--log-throughput`` and the FLOPs in checkpoints stay truthful.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+import time
 from functools import partial
 
 import rlp_megatron  # noqa: F401  (enables the CPU backend when there is no GPU)
@@ -21,6 +35,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.enums import ModelType
 from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
+from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.training import get_args, get_timers, pretrain, print_rank_0
 from megatron.training.argument_utils import (
     gpt_config_from_args,
@@ -30,9 +45,15 @@ from megatron.training.argument_utils import (
 from megatron.training.arguments import parse_and_validate_args
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
+from megatron.training import training as mt_training
+from megatron.training.global_vars import get_tokenizer
+
 from rlp_megatron import arguments as rlp_arguments
-from rlp_megatron.backends import cpu as cpu_backend
 from rlp_megatron import megatron_fixes
+from rlp_megatron.backends import cpu as cpu_backend
+from rlp_megatron.data import RLPDataset, load_prompt_tokens, resolve_think_tokens
+from rlp_megatron.step import RLPStep, StepData
+from rlp_megatron.teacher import EMATeacher
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
@@ -77,16 +98,20 @@ def _dataset_built_on_rank(vp_stage=None):
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
-    """Megatron's GPT datasets (indexed .bin/.idx, or --mock-data)."""
+    """Megatron's GPT datasets (indexed .bin/.idx, or --mock-data); for RLP the training split
+    is wrapped so that each sample also carries its global index (see rlp_megatron.data)."""
     args = get_args()
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
     print_rank_0("> building train, validation, and test datasets ...")
-    return BlendedMegatronDatasetBuilder(
+    train, valid, test = BlendedMegatronDatasetBuilder(
         dataset_type,
         train_val_test_num_samples,
         partial(_dataset_built_on_rank, vp_stage=vp_stage),
         gpt_dataset_config(args),
     ).build()
+    if args.objective == "rlp" and train is not None:
+        train = RLPDataset(train, args.rlp_group_size)
+    return train, valid, test
 
 
 train_valid_test_datasets_provider.is_distributed = True
@@ -153,6 +178,193 @@ def ntp_forward_step(data_iterator, model, return_schedule_plan: bool = False):
 
 
 # ---------------------------------------------------------------------------------------------
+# The training-loop seams
+
+
+class Run:
+    """Per-process state of a run: which objective each iteration uses, the RLP step, metrics."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rlp: RLPStep | None = None
+        self.last_step_flops: float | None = None
+        self.metrics_file = args.rlp_metrics_file
+        if args.objective == "rlp":
+            tokenizer = get_tokenizer()
+            self.rlp = RLPStep(
+                rlp_arguments.RLPConfig.from_args(args),
+                think=resolve_think_tokens(tokenizer, args.rlp_think_tokens),
+                prompt_prefix=load_prompt_tokens(tokenizer, args.rlp_prompt_file),
+                eod=int(tokenizer.eod),
+                seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size,
+                calculate_per_token_loss=args.calculate_per_token_loss,
+                check_nan=args.check_for_nan_in_loss_and_grad,
+            )
+
+    def objective_for(self, iteration: int) -> str:
+        return self.args.objective
+
+    def write_metrics(self, iteration: int, objective: str, loss_reduced: dict) -> None:
+        if not self.metrics_file or torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
+            return
+        record = {"iteration": iteration, "objective": objective}
+        record.update({k: float(v) for k, v in loss_reduced.items()})
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+_RUN: Run | None = None
+
+
+def sync_params(model, optimizer, args) -> None:
+    """Make the model's parameters current after an optimizer step: with the distributed
+    optimizer and --overlap-param-gather they are otherwise all-gathered in the next forward."""
+    if mt_training.should_disable_forward_pre_hook(args):
+        mt_training.force_param_sync(model, optimizer)
+
+
+def _rlp_iteration(run: Run, orig_train_step, data_iterator, model, optimizer, scheduler, config,
+                   forward_backward_func, iteration, kwargs):
+    args = get_args()
+    step = run.rlp
+    num_mb = get_num_microbatches()
+    t0 = time.perf_counter()
+    if step.teacher is None:
+        step.teacher = EMATeacher(model, step.cfg.ema_decay)  # φ ← θ at the first RLP step
+    work, samples = step.pull_samples(data_iterator, num_mb)
+    rollout = step.rollout(model, work, iteration)
+    t1 = time.perf_counter()
+    data = StepData(samples=samples, rollout=rollout)
+    step.layout(data)
+    step.score(model, data)
+    step.score_teacher(model, data)
+    if mpu.is_pipeline_last_stage():
+        step.advantages(data)
+    t2 = time.perf_counter()
+    batches = step.update_batches(data, num_mb)
+    out = orig_train_step(step.forward_step, batches, model, optimizer, scheduler, config,
+                          forward_backward_func, iteration=iteration, **kwargs)
+    t3 = time.perf_counter()
+    if args.rlp_dump_rollouts:
+        _dump_rollout(args.rlp_dump_rollouts, iteration + 1, data)
+    totals = torch.tensor([len(rollout.rows), rollout.generated_tokens,
+                           sum(len(s.prompt) for s in samples.values())], dtype=torch.float64)
+    torch.distributed.all_reduce(totals, group=mpu.get_data_parallel_group())
+    thoughts, gen_tokens, prefill_tokens = totals.tolist()
+    data.metrics.update({
+        "rlp/thoughts_per_s": thoughts / (t1 - t0),
+        "rlp/gen_tokens_per_s": gen_tokens / (t1 - t0),
+        "rlp/time_rollout_s": t1 - t0,
+        "rlp/time_score_s": t2 - t1,
+        "rlp/time_update_s": t3 - t2,
+    })
+    run.last_step_flops = _rlp_flops(args, gen_tokens + prefill_tokens, len(samples) * mpu.get_data_parallel_world_size())
+    return out, data.metrics
+
+
+def _rlp_flops(args, decoded_tokens: float, contexts: float) -> float:
+    """FLOPs of one RLP step with Megatron's own per-sequence formula: update (fwd+bwd) and
+    scoring (fwd) over global-batch rows, the teacher forward over the contexts, and decoding
+    (one forward's worth per token fed)."""
+    per_seq_fwd = _ORIG_FLOPS(args, 1) / 3.0
+    per_token_fwd = per_seq_fwd / args.seq_length
+    gbs = args.global_batch_size
+    return 3 * per_seq_fwd * gbs + per_seq_fwd * gbs + per_seq_fwd * contexts + per_token_fwd * decoded_tokens
+
+
+def _dump_rollout(directory, iteration, data: StepData):
+    if mpu.get_tensor_model_parallel_rank() != 0 or not mpu.is_pipeline_last_stage():
+        return
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    r = data.rollout
+    torch.save({
+        "iteration": iteration, "rows": r.rows, "groups": r.groups, "thoughts": r.thoughts,
+        "closed": r.closed, "behaviour_logprobs": r.behaviour_logprobs,
+        "prompts": [data.samples[g].prompt for g in r.groups],
+        "targets": [data.samples[g].target for g in r.groups],
+        "s_pred": data.s_pred, "s_ema": data.s_ema, "advantages": data.advantages,
+        "old_logp": data.old_logp, "thought_mask": data.thought_mask,
+    }, os.path.join(directory, f"iter{iteration:07d}_dp{mpu.get_data_parallel_rank()}.pt"))
+
+
+def _train_step(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler, config,
+                forward_backward_func, iteration=None, **kwargs):
+    run, args = _RUN, get_args()
+    objective = run.objective_for(iteration)
+    run.last_step_flops = None
+    extra = {}
+    if objective == "rlp":
+        out, extra = _rlp_iteration(run, _ORIG_TRAIN_STEP, data_iterator, model, optimizer,
+                                    opt_param_scheduler, config, forward_backward_func, iteration,
+                                    kwargs)
+    else:
+        out = _ORIG_TRAIN_STEP(ntp_forward_step, data_iterator, model, optimizer,
+                               opt_param_scheduler, config, forward_backward_func,
+                               iteration=iteration, **kwargs)
+    loss_reduced, skipped_iter = out[0], out[1]
+    teacher = run.rlp.teacher if run.rlp is not None else None
+    if teacher is not None and not skipped_iter:
+        sync_params(model, optimizer, args)
+        teacher.update()
+    if loss_reduced or mpu.is_pipeline_last_stage():
+        loss_reduced = dict(loss_reduced)
+        loss_reduced.update({k: torch.tensor(v) for k, v in extra.items()})
+        run.write_metrics(iteration + 1, objective, loss_reduced)
+        out = (loss_reduced, *out[1:])
+    return out
+
+
+def _num_floating_point_operations(args, batch_size, *a, **kw):
+    if _RUN is not None and _RUN.last_step_flops is not None:
+        return _RUN.last_step_flops
+    return _ORIG_FLOPS(args, batch_size, *a, **kw)
+
+
+def _training_log(loss_dict, total_loss_dict, *args, **kwargs):
+    """Megatron's training_log prints only non-negative averages; log-probs such as rlp/s_pred
+    are negative. Add those to the iteration line (TensorBoard/W&B already get every key)."""
+    skipped = kwargs.get("skipped_iter", args[4] if len(args) > 4 else 0)
+    advanced = total_loss_dict.get("advanced iterations", 0) + (0 if skipped else 1)
+    hidden = []
+    for key, value in loss_dict.items():
+        if key.startswith("rlp/") and not skipped:
+            avg = (float(total_loss_dict.get(key, torch.zeros(1)).sum()) + float(value)) / max(1, advanced)
+            if avg < 0:
+                hidden.append(f" {key}: {avg:.6E} |")
+    if not hidden:
+        return _ORIG_TRAINING_LOG(loss_dict, total_loss_dict, *args, **kwargs)
+    orig_print = mt_training.print_rank_last
+
+    def print_rank_last(message):
+        if " iteration " in message and " loss scale:" in message:
+            message = message.replace(" loss scale:", "".join(hidden) + " loss scale:", 1)
+        orig_print(message)
+
+    mt_training.print_rank_last = print_rank_last
+    try:
+        return _ORIG_TRAINING_LOG(loss_dict, total_loss_dict, *args, **kwargs)
+    finally:
+        mt_training.print_rank_last = orig_print
+
+
+_ORIG_TRAIN_STEP = mt_training.train_step
+_ORIG_FLOPS = mt_training.num_floating_point_operations
+_ORIG_TRAINING_LOG = mt_training.training_log
+
+
+def install_hooks(args) -> Run:
+    global _RUN
+    _RUN = Run(args)
+    mt_training.train_step = _train_step
+    mt_training.num_floating_point_operations = _num_floating_point_operations
+    mt_training.training_log = _training_log
+    return _RUN
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -188,6 +400,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     megatron_fixes.install()
+    install_hooks(args)
     full_config = pretrain_cfg_container_from_args(args, model_config_from_args(args))
     pretrain(
         full_config,

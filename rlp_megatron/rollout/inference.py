@@ -101,3 +101,25 @@ def compare_decode_to_teacher_forcing(model, tokens: torch.Tensor, prefill_len: 
     full = model(tokens, position_ids, None)  # [b, s, V/tp]
     tf = token_logprobs(full[:, prefill_len - 1 : s - 1], tokens[:, prefill_len:])
     return torch.stack(decode, dim=1), tf
+
+
+def _mamba_mixers(model):
+    return {m.layer_number: m for m in model.modules()
+            if hasattr(m, "cached_batch_size") and hasattr(m, "layer_number")}
+
+
+def replicate_cache(model, ctx: StaticInferenceContext, index: torch.Tensor) -> None:
+    """Expand the cache from the prefilled rows to ``len(index)`` rows: row i ← row index[i].
+
+    Attention KV memory is [max_seq, max_batch, ...] (batch dim 1, allocated at max_batch_size);
+    Mamba conv/SSM states are [batch, ...] (batch dim 0, allocated at the prefill batch size, and
+    their mixer re-zeroes them when the batch size changes unless told the new size)."""
+    mixers = _mamba_mixers(model)
+    n = len(index)
+    for layer_number, (a, b) in list(ctx.key_value_memory_dict.items()):
+        if layer_number in mixers:
+            ctx.key_value_memory_dict[layer_number] = (a[index].clone(), b[index].clone())
+            mixers[layer_number].cached_batch_size = n
+        else:
+            a[:, :n] = a[:, index].clone()
+            b[:, :n] = b[:, index].clone()

@@ -1,0 +1,199 @@
+"""RLP samples from Megatron's GPT datasets: positions, prompts, and the fixed-length row layout.
+
+What a row is. RLP keeps Megatron's unit of data: one dataset sample (a ``seq_length`` window of
+the token stream, as NTP reads it) per row, ``--global-batch-size`` rows per step, so consumed
+samples, the data cursor and resume work unchanged. A *group* is G = ``--rlp-group-size``
+consecutive rows (global sample indices ``G·k … G·k+G−1``); all of them read the window of the
+group's first index, sample the same position t, and differ only in their thoughts. The other
+G−1 windows of a group are skipped, so switching between NTP and RLP never revisits data.
+
+Positions (the paper: "one random token per document/sequence", distribution unspecified). Per
+group, t is uniform over the positions of the window whose target x_t is not an end-of-document
+token and that have at least ``--rlp-min-context`` tokens of the same document before them; the
+context is the last ≤ ``--rlp-context-length`` tokens of that document before t (it never crosses
+an end-of-document token). If no position qualifies, the one with the longest same-document
+context is used. The draw is a pure function of (seed, group index), hence independent of the
+parallel layout and reproducible on resume without saving RNG state.
+
+Row layout (what the model sees; ``[p]`` = optional ``--rlp-prompt-file`` instruction tokens):
+
+    [p] context <think> c_1 … c_n </think> x_t  pad …
+
+The thought c is sampled by the policy and may end with a sampled ``</think>`` (then it belongs
+to c and is trained); a thought that reaches ``--rlp-thought-length`` without closing gets a forced
+``</think>`` that is not part of c. S_pred is log p(x_t) at the position after ``</think>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PAPER_PROMPT_V2 = (
+    "You are a continuation-and-reasoning assistant. You receive the prefix of a context, problem, "
+    "solution, or derivation. First, briefly think between <think> and </think> about what should "
+    "come next. Then, after </think>, continue the text in the SAME style as the prefix (notation, "
+    "LaTeX, tone), focusing on the next few steps rather than jumping to a final boxed answer. Do "
+    "not restate the question or add meta commentary; simply continue the content."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinkTokens:
+    open: int
+    close: int
+
+
+def resolve_think_tokens(tokenizer, spec: list[str] | None) -> ThinkTokens:
+    """Ids of the two delimiters; raises ValueError naming ``--rlp-think-tokens`` if either is not
+    a single token. NullTokenizer (mock data) reserves the two ids below end-of-document."""
+    if type(tokenizer).__name__ == "NullTokenizer" or _is_null_tokenizer(tokenizer):
+        if spec is None:
+            eod = int(tokenizer.eod)
+            return ThinkTokens(open=eod - 2, close=eod - 1)
+    spec = spec or ["<think>", "</think>"]
+    ids = []
+    for text in spec:
+        try:
+            toks = list(tokenizer.tokenize(text))
+        except Exception as exc:  # tokenizers raise all sorts of things on unknown input
+            raise ValueError(f"--rlp-think-tokens: cannot tokenize {text!r}: {exc}") from exc
+        if len(toks) != 1:
+            raise ValueError(
+                f"--rlp-think-tokens: {text!r} is {len(toks)} tokens {toks} for this tokenizer; "
+                f"each delimiter must be exactly one token (add it as a special token or name "
+                f"another one)")
+        ids.append(int(toks[0]))
+    if ids[0] == ids[1]:
+        raise ValueError("--rlp-think-tokens: the two delimiters map to the same id")
+    return ThinkTokens(open=ids[0], close=ids[1])
+
+
+def _is_null_tokenizer(tokenizer) -> bool:
+    inner = getattr(tokenizer, "_tokenizer", None) or getattr(tokenizer, "tokenizer", None)
+    return inner is not None and type(inner).__name__ == "NullTokenizer"
+
+
+def load_prompt_tokens(tokenizer, path: str | None) -> list[int]:
+    """Instruction tokens prepended to every prompt (``--rlp-prompt-file``; none by default)."""
+    if not path:
+        return []
+    text = Path(path).read_text()
+    return [int(t) for t in tokenizer.tokenize(text)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Position sampling (pure numpy, deterministic per group)
+
+
+def document_starts(window: np.ndarray, eod: int) -> np.ndarray:
+    """start[t] = index of the first token of the document containing position t."""
+    is_eod = window == eod
+    # A document starts right after each eod (and at 0).
+    start_marks = np.zeros(len(window), dtype=np.int64)
+    start_marks[1:] = np.where(is_eod[:-1], np.arange(1, len(window)), 0)
+    return np.maximum.accumulate(start_marks)
+
+
+def sample_position(window: np.ndarray, eod: int, min_context: int, context_length: int,
+                    seed: int, group_index: int) -> tuple[int, int]:
+    """(t, context_start) for one group; context = window[context_start:t], target = window[t]."""
+    starts = document_starts(window, eod)
+    t_all = np.arange(1, len(window))
+    ctx_len = t_all - starts[t_all]
+    ok_target = window[t_all] != eod
+    valid = t_all[ok_target & (ctx_len >= min_context)]
+    if len(valid) > 0:
+        rng = np.random.default_rng([seed, group_index])
+        t = int(rng.choice(valid))
+    else:
+        candidates = t_all[ok_target & (ctx_len >= 1)]
+        if len(candidates) == 0:  # a window made of eods only
+            candidates = t_all
+        t = int(candidates[np.argmax(candidates - starts[candidates])])
+    start = max(int(starts[t]), t - context_length)
+    return t, start
+
+
+@dataclasses.dataclass
+class RLPSample:
+    """One group's prompt and target, built on the loader rank and broadcast to the others."""
+
+    group: int  # global group index (= global row index // G)
+    prompt: list[int]  # [p] context <think>
+    target: int  # x_t
+    context: list[int]  # context alone (the EMA teacher's input)
+
+
+def build_sample(window: np.ndarray, group: int, *, eod: int, think: ThinkTokens,
+                 prompt_prefix: list[int], min_context: int, context_length: int,
+                 seed: int) -> RLPSample:
+    t, start = sample_position(window, eod, min_context, context_length, seed, group)
+    context = [int(x) for x in window[start:t]]
+    return RLPSample(group=group, prompt=[*prompt_prefix, *context, think.open],
+                     target=int(window[t]), context=context)
+
+
+class RLPDataset(torch.utils.data.Dataset):
+    """Megatron GPT dataset → one row per sample index; G consecutive rows share one window.
+
+    Yields ``{"window": LongTensor[seq_length + 1], "index": LongTensor[]}`` where the window is
+    that of the group's first index (see the module docstring)."""
+
+    def __init__(self, base, group_size: int):
+        self.base = base
+        self.group_size = group_size
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, idx):
+        first = (idx // self.group_size) * self.group_size
+        item = self.base[first]
+        window = torch.cat([item["tokens"], item["labels"][-1:]])
+        return {"window": window.long(), "index": torch.tensor(idx, dtype=torch.long)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Row layout for the scoring and update forwards
+
+
+@dataclasses.dataclass
+class Rows:
+    """Fixed-length rows (PP needs one shape) for a set of thoughts; all [n, seq_length]."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    thought_mask: torch.Tensor  # 1 where labels[j] is a thought token (trained)
+    target_pos: torch.Tensor  # [n] position whose label is x_t
+    position_ids: torch.Tensor
+
+
+def layout_rows(prompts: list[list[int]], thoughts: list[list[int]], closed: list[bool],
+                targets: list[int], think_close: int, seq_length: int, pad: int = 0) -> Rows:
+    """Lay out ``prompt + thought (+ forced </think>) + x_t`` per row, right-padded."""
+    n = len(prompts)
+    tokens = torch.full((n, seq_length), pad, dtype=torch.long)
+    labels = torch.full((n, seq_length), pad, dtype=torch.long)
+    thought_mask = torch.zeros((n, seq_length), dtype=torch.float)
+    target_pos = torch.zeros(n, dtype=torch.long)
+    for i in range(n):
+        seq = [*prompts[i], *thoughts[i]]
+        if not closed[i]:
+            seq.append(think_close)
+        seq.append(targets[i])
+        if len(seq) > seq_length + 1:
+            raise ValueError(f"row of {len(seq)} tokens exceeds --seq-length {seq_length} + 1")
+        seq_t = torch.tensor(seq, dtype=torch.long)
+        m = len(seq) - 1
+        tokens[i, :m] = seq_t[:-1]
+        labels[i, :m] = seq_t[1:]
+        p = len(prompts[i])
+        # labels[j] = seq[j + 1]: thought token u (0-based) sits at seq[p + u], i.e. label p + u - 1.
+        thought_mask[i, p - 1 : p - 1 + len(thoughts[i])] = 1.0
+        target_pos[i] = m - 1
+    position_ids = torch.arange(seq_length)[None].expand(n, seq_length).contiguous()
+    return Rows(tokens, labels, thought_mask, target_pos, position_ids)

@@ -1,0 +1,139 @@
+"""Generate G thoughts per context on the training model (TP-sharded, same process, no copy).
+
+Per rollout batch (whole groups, sorted by prompt length so that lengths within a batch are close):
+
+1. prefill: one forward over the distinct prompts' first ``L_min`` tokens (``L_min`` = the batch's
+   shortest prompt), i.e. once per context, not once per thought;
+2. replicate: the KV cache and Mamba conv/SSM states are indexed G-fold to one row per thought;
+3. decode: one token per step for all rows. A row still inside its (longer) prompt is fed its
+   next prompt token (static batching: every row sits at the same position, which keeps both the
+   KV cache and the Mamba recurrence exact without attention masks); a row past its prompt samples
+   its next thought token (Gumbel-max over the vocab shards, :mod:`.sampling`) and stops at a
+   sampled ``</think>`` or after ``thought_length`` tokens.
+
+The cost of static batching is ``L_max − L_min`` extra decode steps per batch, which the length
+sort keeps small when a rank holds many groups.
+
+Behaviour log-probs log softmax(l/T)[c_u] are recorded per token at the sampling temperature: the
+policy π_θ whose ratio the update takes is the temperature-T distribution that produced c.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from rlp_megatron.data import RLPSample, ThinkTokens
+from rlp_megatron.rollout import inference, sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    thought_length: int
+    temperature: float
+    seed: int
+    think: ThinkTokens
+    micro_batch_size: int = 0  # rows per rollout batch; 0 = all rows of the rank at once
+    pad_id: int = 0
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Thoughts for this rank's rows, in the order of ``rows``."""
+
+    rows: list[int]  # global row index of each thought
+    groups: list[int]  # global group index of each thought
+    thoughts: list[list[int]]  # sampled tokens, including a sampled </think>
+    closed: list[bool]  # ended with a sampled </think>
+    behaviour_logprobs: list[torch.Tensor]  # one per thought, len == len(thought)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(t) for t in self.thoughts)
+
+
+def _batches(work: list[tuple[RLPSample, list[int]]], max_rows: int):
+    """Whole groups, shortest prompts first, at most ``max_rows`` rows per batch (a group larger
+    than the bound is split across batches)."""
+    items = sorted(work, key=lambda w: len(w[0].prompt))
+    batch, n = [], 0
+    for sample, rows in items:
+        while rows:
+            room = (max_rows - n) if max_rows > 0 else len(rows)
+            if room == 0:
+                yield batch
+                batch, n = [], 0
+                continue
+            take, rows = rows[:room], rows[room:]
+            batch.append((sample, take))
+            n += len(take)
+    if batch:
+        yield batch
+
+
+def generate(model, work: list[tuple[RLPSample, list[int]]], cfg: RolloutConfig, iteration: int,
+             vocab_start: int, tp_group=None) -> Rollout:
+    """Thoughts for every (group sample, global rows) pair in ``work``."""
+    out = Rollout(rows=[], groups=[], thoughts=[], closed=[], behaviour_logprobs=[])
+    with inference.inference_mode(model):
+        for batch in _batches(work, cfg.micro_batch_size):
+            _generate_batch(model, batch, cfg, iteration, vocab_start, tp_group, out)
+    return out
+
+
+def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp_group, out):
+    samples = [s for s, _ in batch]
+    rows_per_sample = [len(r) for _, r in batch]
+    rows = torch.tensor([r for _, rs in batch for r in rs], dtype=torch.long)
+    index = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(rows_per_sample))
+    lengths = torch.tensor([len(s.prompt) for s in samples])[index]
+    n_rows, l_min, l_max = len(rows), int(lengths.min()), int(lengths.max())
+    prompts = torch.full((n_rows, l_max), cfg.pad_id, dtype=torch.long)
+    for i, j in enumerate(index.tolist()):
+        prompts[i, : len(samples[j].prompt)] = torch.tensor(samples[j].prompt)
+
+    ctx = inference.new_context(n_rows, l_max + cfg.thought_length + 1)
+    distinct = torch.stack([torch.tensor(s.prompt[:l_min]) for s in samples])
+    logits = inference.forward_with_cache(model, distinct, ctx)  # once per context
+    inference.replicate_cache(model, ctx, index)
+    logits = logits[index]
+
+    thought = torch.full((n_rows, cfg.thought_length), cfg.pad_id, dtype=torch.long)
+    logps = torch.zeros((n_rows, cfg.thought_length))
+    n_tok = torch.zeros(n_rows, dtype=torch.long)
+    closed = torch.zeros(n_rows, dtype=torch.bool)
+    done = torch.zeros(n_rows, dtype=torch.bool)
+    pos = l_min  # position predicted by `logits`
+    all_rows = torch.arange(n_rows)
+    while True:
+        sampling_rows = (pos >= lengths) & ~done
+        next_tok = torch.full((n_rows,), cfg.pad_id, dtype=torch.long)
+        in_prompt = pos < lengths
+        if bool(in_prompt.any()):
+            next_tok[in_prompt] = prompts[in_prompt, pos]
+        if sampling_rows.any():
+            # Noise keyed by the thought position u, not the absolute position: layout-independent.
+            keys = sampling.row_keys(cfg.seed, iteration, rows, 0)
+            keys = sampling.splitmix64(keys ^ n_tok)
+            tok = sampling.gumbel_max_sample(logits, keys, cfg.temperature, vocab_start, tp_group)
+            lp = inference.token_logprobs(logits, tok, cfg.temperature)
+            sel = all_rows[sampling_rows]
+            thought[sel, n_tok[sel]] = tok[sel]
+            logps[sel, n_tok[sel]] = lp[sel]
+            n_tok[sel] += 1
+            closed[sel] |= tok[sel] == cfg.think.close
+            done |= closed | (n_tok >= cfg.thought_length)
+            next_tok[sel] = tok[sel]
+        if bool(done.all()):
+            break
+        logits = inference.forward_with_cache(model, next_tok[:, None], ctx)
+        pos += 1
+
+    for i in range(n_rows):
+        n = int(n_tok[i])
+        out.rows.append(int(rows[i]))
+        out.groups.append(samples[int(index[i])].group)
+        out.thoughts.append(thought[i, :n].tolist())
+        out.closed.append(bool(closed[i]))
+        out.behaviour_logprobs.append(logps[i, :n].clone())

@@ -1,0 +1,333 @@
+"""One RLP training step on the sharded model: positions → rollout → score → update → EMA.
+
+Each phase is a method of :class:`RLPStep`, timed under its own name, and runs real Megatron-Core
+code: rollouts through Megatron's static inference context (:mod:`rlp_megatron.rollout`), scoring
+and the teacher forward through Megatron's pipeline schedule (forward only), the update through
+Megatron's own ``train_step`` with :meth:`RLPStep.forward_step` / :meth:`RLPStep.loss_func` in
+the usual ``(loss, num_tokens, report)`` contract.
+
+Choices (the paper leaves them open; rlp_spec §7):
+* ``old_logp`` (the ratio's denominator) comes from a teacher-forced forward of θ over the same
+  rows as the update, so on-policy ρ ≡ 1 and the clip is inactive, exactly as Alg. 1 intends; the
+  decode-time behaviour log-probs are kept to measure the rollout/training mismatch
+  (``rlp/logprob_mismatch``), not used in the loss.
+* Thought tokens are scored at the sampling temperature T (the policy that sampled them);
+  S_pred and S_EMA are log-likelihoods of x_t at T = 1.
+* S_EMA is the teacher's log p̄_φ(x_t | context): no instruction prompt and no ``<think>``.
+* Loss normalisation: the sum of per-thought losses over the global batch divided by the global
+  number of thoughts (Alg. 1 l.14), independent of how rows fall into micro-batches and DP ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import mpu
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.rerun_state_machine import RerunDataIterator
+
+from rlp_megatron import objective
+from rlp_megatron.arguments import RLPConfig
+from rlp_megatron.data import RLPSample, ThinkTokens, build_sample, layout_rows
+from rlp_megatron.rollout import generate as rollout_lib
+from rlp_megatron.rollout.inference import token_logprobs
+from rlp_megatron.teacher import EMATeacher
+
+
+@dataclasses.dataclass
+class StepData:
+    """Everything one step computes about this rank's rows (index-aligned with ``rows``)."""
+
+    samples: dict[int, RLPSample]  # group index → sample
+    rollout: rollout_lib.Rollout
+    tokens: torch.Tensor = None  # [n, S] row layout (see rlp_megatron.data)
+    labels: torch.Tensor = None
+    thought_mask: torch.Tensor = None
+    target_pos: torch.Tensor = None
+    position_ids: torch.Tensor = None
+    old_logp: torch.Tensor = None  # [n, S], at label positions (last stage only)
+    s_pred: torch.Tensor = None  # [n]
+    s_ema: torch.Tensor = None  # [n] (the row's group value)
+    advantages: torch.Tensor = None  # [n]
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+
+class RLPStep:
+    def __init__(self, cfg: RLPConfig, think: ThinkTokens, prompt_prefix: list[int], eod: int,
+                 seq_length: int, micro_batch_size: int, calculate_per_token_loss: bool,
+                 check_nan: bool = True):
+        self.cfg = cfg
+        self.think = think
+        self.prompt_prefix = prompt_prefix
+        self.eod = eod
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self.calculate_per_token_loss = calculate_per_token_loss
+        self.check_nan = check_nan
+        self.teacher: EMATeacher | None = None
+        self._current: StepData | None = None
+        self._loss_scale = 1.0
+
+    # -----------------------------------------------------------------------------------------
+    # Phase 1: rows and positions
+
+    def pull_samples(self, data_iterator, num_microbatches: int) -> tuple[list, dict]:
+        """Read this rank's rows for the step (as NTP would: num_microbatches × mbs samples) and
+        share them over the model-parallel group; build one sample per group."""
+        n = num_microbatches * self.micro_batch_size
+        windows = torch.zeros((n, self.seq_length + 1), dtype=torch.long)
+        indices = torch.zeros(n, dtype=torch.long)
+        if data_iterator is not None:
+            batches = [next(data_iterator) for _ in range(num_microbatches)]
+            windows = torch.cat([b["window"] for b in batches]).long()
+            indices = torch.cat([b["index"] for b in batches]).long()
+        _broadcast_from_loader_rank(windows)
+        _broadcast_from_loader_rank(indices)
+        samples, work = {}, {}
+        for w, idx in zip(windows, indices.tolist()):
+            group = idx // self.cfg.group_size
+            if group not in samples:
+                samples[group] = build_sample(
+                    w.numpy(), group, eod=self.eod, think=self.think,
+                    prompt_prefix=self.prompt_prefix, min_context=self.cfg.min_context,
+                    context_length=self.cfg.context_length, seed=self.cfg.seed)
+                work[group] = []
+            work[group].append(idx)
+        return [(samples[g], rows) for g, rows in work.items()], samples
+
+    # -----------------------------------------------------------------------------------------
+    # Phase 2: rollout
+
+    def rollout(self, model, work, iteration: int) -> rollout_lib.Rollout:
+        chunk = model[0]
+        output_layer = _output_layer(chunk)
+        vocab_start = 0
+        if output_layer is not None:
+            vocab_start = mpu.get_tensor_model_parallel_rank() * output_layer.weight.shape[0]
+        cfg = rollout_lib.RolloutConfig(
+            thought_length=self.cfg.thought_length, temperature=self.cfg.temperature,
+            seed=self.cfg.seed, think=self.think,
+            micro_batch_size=self.cfg.rollout_micro_batch_size)
+        return rollout_lib.generate(chunk, work, cfg, iteration, vocab_start,
+                                    tp_group=mpu.get_tensor_model_parallel_group())
+
+    # -----------------------------------------------------------------------------------------
+    # Phase 3: scoring (θ: S_pred and old log-probs; φ: S_EMA)
+
+    def layout(self, data: StepData) -> None:
+        r = data.rollout
+        rows = layout_rows(
+            prompts=[data.samples[g].prompt for g in r.groups], thoughts=r.thoughts,
+            closed=r.closed, targets=[data.samples[g].target for g in r.groups],
+            think_close=self.think.close, seq_length=self.seq_length)
+        data.tokens, data.labels = rows.tokens, rows.labels
+        data.thought_mask, data.target_pos = rows.thought_mask, rows.target_pos
+        data.position_ids = rows.position_ids
+
+    def score(self, model, data: StepData) -> None:
+        """Teacher-forced θ forward over the rows: S_pred (T = 1) and thought log-probs (T)."""
+        out = _forward_only(model, _micro_batches(
+            dict(tokens=data.tokens, position_ids=data.position_ids, labels=data.labels,
+                 target_pos=data.target_pos), self.micro_batch_size),
+            partial(_score_forward_step, temperature=self.cfg.temperature), self.seq_length,
+            self.micro_batch_size)
+        if out is not None:
+            data.old_logp = torch.cat([o["logp"] for o in out]) * data.thought_mask
+            data.s_pred = torch.cat([o["s_target"] for o in out])
+
+    def score_teacher(self, model, data: StepData) -> None:
+        """S_EMA = log p̄_φ(x_t | context) once per group, with φ swapped into the model."""
+        groups = sorted(data.samples)
+        contexts = [data.samples[g].context for g in groups]
+        rows = layout_rows(prompts=contexts, thoughts=[[] for _ in groups],
+                           closed=[True] * len(groups),
+                           targets=[data.samples[g].target for g in groups],
+                           think_close=self.think.close, seq_length=self.seq_length)
+        mbs = self.micro_batch_size
+        pad = (-len(groups)) % mbs
+        batch = dict(tokens=rows.tokens, position_ids=rows.position_ids, labels=rows.labels,
+                     target_pos=rows.target_pos)
+        batch = {k: torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) if pad else v
+                 for k, v in batch.items()}
+        with self.teacher.swapped_in():
+            out = _forward_only(model, _micro_batches(batch, mbs),
+                                partial(_score_forward_step, temperature=1.0, need_logp=False),
+                                self.seq_length, mbs)
+        if out is not None:
+            s_ema_group = torch.cat([o["s_target"] for o in out])[: len(groups)]
+            by_group = dict(zip(groups, s_ema_group.tolist()))
+            data.s_ema = torch.tensor([by_group[g] for g in data.rollout.groups])
+
+    # -----------------------------------------------------------------------------------------
+    # Phase 4: rewards and group-relative advantages (last pipeline stage)
+
+    def advantages(self, data: StepData) -> None:
+        r = data.rollout
+        dp = mpu.get_data_parallel_group()
+        rows = torch.tensor(r.rows, dtype=torch.long)
+        closed = torch.tensor(r.closed, dtype=torch.bool)
+        lengths = torch.tensor([len(t) for t in r.thoughts], dtype=torch.float64)
+        local = torch.stack([rows.double(), data.s_pred.double(), data.s_ema.double(),
+                             closed.double(), lengths], dim=1)
+        world = _all_gather_rows(local, dp)  # [global rows, 5]
+        world = world[torch.argsort(world[:, 0])]
+        G = self.cfg.group_size
+        s_pred, s_ema = world[:, 1].view(-1, G), world[:, 2].view(-1, G)
+        reward = objective.information_gain(s_pred, s_ema[:, :1])
+        valid = world[:, 3].view(-1, G).bool() if self.cfg.unclosed == "zero" else None
+        adv = objective.group_advantages(reward, valid=valid).reshape(-1)
+        position = {int(i): k for k, i in enumerate(world[:, 0].tolist())}
+        data.advantages = torch.stack([adv[position[i]] for i in r.rows]).float()
+        data.metrics.update({
+            "rlp/info_gain": reward.mean().item(),
+            "rlp/s_pred": s_pred.mean().item(),
+            "rlp/s_ema": s_ema.mean().item(),
+            "rlp/thought_len": world[:, 4].mean().item(),
+            "rlp/closed_frac": world[:, 3].mean().item(),
+            "rlp/advantage_abs": adv.abs().mean().item(),
+        })
+        self._num_thoughts_global = int((world[:, 4] > 0).sum().item())
+        # Rollout/training log-prob consistency on thought tokens (measured, not hidden).
+        diffs = [(b - data.old_logp[i][data.thought_mask[i] > 0]).abs()
+                 for i, b in enumerate(r.behaviour_logprobs) if len(b)]
+        if diffs:
+            d = torch.cat(diffs)
+            stats = torch.tensor([d.sum().item(), float(d.numel()), d.max().item()],
+                                 dtype=torch.float64)
+        else:
+            stats = torch.zeros(3, dtype=torch.float64)
+        summed = stats[:2].clone()
+        dist.all_reduce(summed, group=dp)
+        mx = stats[2:].clone()
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=dp)
+        data.metrics["rlp/logprob_mismatch"] = (summed[0] / summed[1].clamp(min=1)).item()
+        data.metrics["rlp/logprob_mismatch_max"] = mx[0].item()
+
+    # -----------------------------------------------------------------------------------------
+    # Phase 5: the update, through Megatron's train_step
+
+    def update_batches(self, data: StepData, num_microbatches: int) -> RerunDataIterator:
+        n = len(data.rollout.rows)
+        fields = dict(tokens=data.tokens, position_ids=data.position_ids, labels=data.labels,
+                      thought_mask=data.thought_mask)
+        if data.old_logp is not None:  # last stage
+            fields.update(old_logp=data.old_logp, advantages=data.advantages)
+        dp_size = mpu.get_data_parallel_world_size()
+        # Per-thought loss sums are scaled so that Megatron's per-micro-batch averaging and DP
+        # gradient averaging add up to (1 / global thoughts) Σ loss (see loss_func).
+        self._loss_scale = num_microbatches * dp_size / max(1, getattr(self, "_num_thoughts_global", n))
+        return RerunDataIterator(iter(_micro_batches(fields, self.micro_batch_size)))
+
+    def forward_step(self, data_iterator, model, return_schedule_plan: bool = False):
+        mb = next(data_iterator)
+        output = model(mb["tokens"], mb["position_ids"], None)
+        return output, partial(self.loss_func, mb)
+
+    def loss_func(self, mb, output_tensor):
+        logp = token_logprobs(output_tensor, mb["labels"], self.cfg.temperature)
+        per_thought, has_tokens, sums = objective.per_thought_surrogate(
+            logp, mb["old_logp"], mb["advantages"], mb["thought_mask"],
+            self.cfg.clip_eps_low, self.cfg.clip_eps_high)
+        loss_sum = (per_thought * has_tokens).sum()
+        count = has_tokens.sum()
+        if self.check_nan:
+            _validate_finite(loss_sum)
+        report = {
+            "rlp/loss": torch.stack([loss_sum.detach().float(), count.float()]),
+            "rlp/clip_frac": torch.stack([
+                (sums["num_clipped_high"] + sums["num_clipped_low"]).float(),
+                sums["num_tokens"].float()]),
+            "rlp/ratio": torch.stack([sums["ratio_sum"].float(), sums["num_tokens"].float()]),
+        }
+        if self.calculate_per_token_loss:
+            return loss_sum, count.to(torch.int), report
+        return loss_sum * self._loss_scale, torch.tensor(1, dtype=torch.int), report
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _output_layer(chunk):
+    from megatron.core.utils import get_attr_wrapped_model
+
+    if not get_attr_wrapped_model(chunk, "post_process"):
+        return None
+    return get_attr_wrapped_model(chunk, "output_layer")
+
+
+def _micro_batches(fields: dict, mbs: int) -> list[dict]:
+    n = next(iter(fields.values())).shape[0]
+    return [{k: v[i : i + mbs] for k, v in fields.items()} for i in range(0, n, mbs)]
+
+
+def _score_forward_step(data_iterator, model, temperature, need_logp=True):
+    mb = next(data_iterator)
+    output = model(mb["tokens"], mb["position_ids"], None)
+
+    def collect(output_tensor, non_loss_data=False):
+        rows = torch.arange(output_tensor.shape[0])
+        target_logits = output_tensor[rows, mb["target_pos"]]
+        s_target = token_logprobs(target_logits, mb["labels"][rows, mb["target_pos"]])
+        result = {"s_target": s_target.float()}
+        if need_logp:
+            result["logp"] = token_logprobs(output_tensor, mb["labels"], temperature).float()
+        return result
+
+    return output, collect
+
+
+def _forward_only(model, batches, forward_step, seq_length, mbs):
+    """Megatron's schedule, forward only; returns per-micro-batch dicts on the last stage."""
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=model,
+            num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=mbs,
+            forward_only=True, collect_non_loss_data=True)
+    return out if mpu.is_pipeline_last_stage() else None
+
+
+def _loader_src(group) -> int:
+    """Group rank of the first-stage TP-rank-0 process (it holds the data iterator)."""
+    flag = torch.tensor([1 if (mpu.get_tensor_model_parallel_rank() == 0
+                               and mpu.is_pipeline_first_stage()) else 0])
+    flags = [torch.zeros_like(flag) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(flags, flag, group=group)
+    return int(torch.cat(flags).argmax())
+
+
+def _broadcast_from_loader_rank(tensor: torch.Tensor) -> None:
+    group = mpu.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return
+    dist.broadcast(tensor, group=group, group_src=_loader_src(group))
+
+
+def _all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
+    if dist.get_world_size(group) == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    return torch.cat(parts)
+
+
+def _validate_finite(loss):
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    rsm = get_rerun_state_machine()
+    rsm.validate_result(result=loss, rejection_func=torch.isnan,
+                        message="found NaN in local RLP loss", tolerance=0.0, fatal=True)
+    rsm.validate_result(result=loss, rejection_func=torch.isinf,
+                        message="found Inf in local RLP loss", tolerance=0.0, fatal=True)
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+__all__ = ["RLPStep", "StepData", "now", "np"]
