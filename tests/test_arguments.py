@@ -1,0 +1,81 @@
+"""Bad --rlp-* values fail at startup, before any model is built, with one line naming the flag."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from harness import REPO, TINY_GPT, TRAIN_FLAGS
+from rlp_megatron import arguments
+
+
+class NullTokenizer:  # named like Megatron's, which resolve_think_tokens recognises
+    eod = 127
+
+    def tokenize(self, text):
+        return [int(x) for x in text.split()]
+
+
+def _args(**overrides):
+    parser = argparse.ArgumentParser()
+    arguments.add_rlp_args(parser)
+    args = parser.parse_args(["--objective", "rlp", "--rlp-context-length", "32",
+                              "--rlp-thought-length", "16"])
+    for k, v in dict(seed=1, global_batch_size=32, seq_length=64, max_position_embeddings=64,
+                     pipeline_model_parallel_size=1, context_parallel_size=1,
+                     virtual_pipeline_model_parallel_size=None).items():
+        setattr(args, k, v)
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+@pytest.fixture(autouse=True)
+def null_tokenizer(monkeypatch):
+    monkeypatch.setattr(arguments, "_tokenizer", lambda args: NullTokenizer())
+
+
+def test_defaults_are_the_papers():
+    cfg = arguments.RLPConfig()
+    assert (cfg.group_size, cfg.thought_length, cfg.context_length, cfg.temperature,
+            cfg.ema_decay) == (16, 2048, 2048, 0.7, 0.999)
+
+
+def test_valid_arguments_pass_and_seed_defaults_to_megatron_seed():
+    args = _args()
+    arguments.validate_rlp_args(args)
+    assert args.rlp_seed == 1
+    assert arguments.RLPConfig.from_args(args).group_size == 16
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    (dict(rlp_group_size=1), "--rlp-group-size must be an integer >= 2"),
+    (dict(rlp_thought_length=0), "--rlp-thought-length must be >= 1"),
+    (dict(rlp_context_length=-3), "--rlp-context-length must be >= 1"),
+    (dict(rlp_temperature=0.0), "--rlp-temperature must be > 0"),
+    (dict(rlp_clip_eps_low=1.0), "--rlp-clip-eps-low must be in [0, 1)"),
+    (dict(rlp_ema_decay=1.5), "--rlp-ema-decay must be in [0, 1]"),
+    (dict(global_batch_size=30), "--global-batch-size (30) must be a multiple of --rlp-group-size"),
+    (dict(rlp_thought_length=40), "exceeds --seq-length/--max-position-embeddings (64)"),
+    (dict(rlp_think_tokens=["5 6", "7"]), "--rlp-think-tokens: '5 6' is 2 tokens"),
+    (dict(pipeline_model_parallel_size=2), "--pipeline-model-parallel-size"),
+])
+def test_bad_values_name_the_flag(overrides, flag):
+    with pytest.raises(SystemExit) as exc:
+        arguments.validate_rlp_args(_args(**overrides))
+    message = str(exc.value)
+    assert message.startswith("rlp_megatron: ") and "\n" not in message
+    assert flag in message
+
+
+@pytest.mark.slow
+def test_startup_fails_before_building_the_model():
+    cmd = [sys.executable, "-m", "rlp_megatron.train", *TINY_GPT, *TRAIN_FLAGS,
+           "--train-iters", "1", "--objective", "rlp", "--rlp-group-size", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "rlp_megatron: --rlp-group-size must be an integer >= 2 (got 1)"
+    assert "building GPT model" not in proc.stdout and "> initializing torch distributed" not in proc.stdout

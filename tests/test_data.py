@@ -1,0 +1,100 @@
+"""Positions, prompts and the row layout (pure parts of rlp_megatron.data)."""
+
+import numpy as np
+import pytest
+import torch
+
+from rlp_megatron.data import (
+    RLPDataset, ThinkTokens, build_sample, document_starts, layout_rows, resolve_think_tokens,
+    sample_position)
+
+EOD = 99
+
+
+def test_document_starts_restart_after_each_eod():
+    w = np.array([5, 6, EOD, 7, 8, 9, EOD, EOD, 1])
+    assert document_starts(w, EOD).tolist() == [0, 0, 0, 3, 3, 3, 3, 7, 8]
+
+
+def test_positions_respect_min_context_document_and_target():
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 50, 200)
+    w[[30, 31, 120]] = EOD
+    starts = document_starts(w, EOD)
+    seen = set()
+    for g in range(300):
+        t, start = sample_position(w, EOD, min_context=8, context_length=40, seed=1, group_index=g)
+        assert w[t] != EOD
+        assert t - starts[t] >= 8  # enough same-document context
+        assert start == max(starts[t], t - 40)
+        assert EOD not in w[start:t]
+        seen.add(t)
+    assert len(seen) > 100  # spread over the window, not a fixed position
+
+
+def test_position_is_a_pure_function_of_seed_and_group():
+    w = np.arange(1, 65)
+    a = [sample_position(w, EOD, 4, 32, seed=3, group_index=g) for g in range(10)]
+    b = [sample_position(w, EOD, 4, 32, seed=3, group_index=g) for g in range(10)]
+    c = [sample_position(w, EOD, 4, 32, seed=4, group_index=g) for g in range(10)]
+    assert a == b and a != c
+
+
+def test_short_documents_fall_back_to_the_longest_context():
+    w = np.array([1, 2, EOD, 3, EOD, 4, 5, 6, EOD])
+    t, start = sample_position(w, EOD, min_context=10, context_length=8, seed=0, group_index=0)
+    assert (t, start) == (7, 5)
+
+
+def test_build_sample_prompt_is_prefix_context_think():
+    w = np.arange(10, 74)
+    s = build_sample(w, 3, eod=EOD, think=ThinkTokens(97, 98), prompt_prefix=[1, 2],
+                     min_context=4, context_length=6, seed=0)
+    assert s.prompt[:2] == [1, 2] and s.prompt[-1] == 97
+    assert s.prompt[2:-1] == s.context and len(s.context) == 6
+    assert s.target == s.context[-1] + 1  # arithmetic window: next value
+
+
+def test_layout_marks_exactly_the_thought_labels_and_the_target():
+    rows = layout_rows(prompts=[[1, 2, 3, 97], [4, 97]], thoughts=[[10, 11, 98], [12, 13]],
+                       closed=[True, False], targets=[50, 60], think_close=98, seq_length=12)
+    # row 0: 1 2 3 97 10 11 98 50 ; row 1: 4 97 12 13 [98 forced] 60
+    assert rows.tokens[0, :7].tolist() == [1, 2, 3, 97, 10, 11, 98]
+    assert rows.labels[0, :7].tolist() == [2, 3, 97, 10, 11, 98, 50]
+    assert rows.thought_mask[0].nonzero().view(-1).tolist() == [3, 4, 5]
+    assert rows.labels[0, rows.thought_mask[0] > 0].tolist() == [10, 11, 98]
+    assert rows.labels[0, rows.target_pos[0]].item() == 50
+    assert rows.labels[1, rows.thought_mask[1] > 0].tolist() == [12, 13]  # forced </think> untrained
+    assert rows.tokens[1, rows.target_pos[1]].item() == 98
+    assert rows.labels[1, rows.target_pos[1]].item() == 60
+    with pytest.raises(ValueError, match="--seq-length"):
+        layout_rows([[1] * 10], [[2] * 5], [True], [3], 98, seq_length=12)
+
+
+def test_rlp_dataset_groups_read_their_first_window():
+    base = [{"tokens": torch.full((4,), i), "labels": torch.full((4,), i + 100)} for i in range(12)]
+    ds = RLPDataset(base, group_size=4)
+    assert len(ds) == 12
+    for i in range(12):
+        item = ds[i]
+        first = (i // 4) * 4
+        assert item["window"].tolist() == [first] * 4 + [first + 100]
+        assert item["index"].item() == i
+
+
+class _Tok:
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self.eod = 0
+
+    def tokenize(self, text):
+        return self.vocab[text]
+
+
+def test_think_tokens_must_be_single_tokens():
+    tok = _Tok({"<think>": [5], "</think>": [6], "<t>": [7, 8]})
+    assert resolve_think_tokens(tok, None) == ThinkTokens(5, 6)
+    with pytest.raises(ValueError, match="--rlp-think-tokens.*'<t>' is 2 tokens"):
+        resolve_think_tokens(tok, ["<t>", "</think>"])
+    with pytest.raises(ValueError, match="same id"):
+        resolve_think_tokens(tok, ["<think>", "<think>"])

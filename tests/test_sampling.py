@@ -1,0 +1,64 @@
+"""Vocab-parallel Gumbel-max sampling with counter-based noise."""
+
+import math
+
+import torch
+
+from rlp_megatron.rollout import sampling
+
+MASK = (1 << 64) - 1
+
+
+def splitmix64_reference(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def test_splitmix64_matches_reference_uint64_arithmetic():
+    xs = [0, 1, 2, 12345, (1 << 63) - 1, (1 << 63) + 7, MASK]
+    got = sampling.splitmix64(torch.tensor([sampling._i64(x) for x in xs], dtype=torch.int64))
+    assert [v & MASK for v in got.tolist()] == [splitmix64_reference(x) for x in xs]
+
+
+def test_sharded_sampling_equals_full_vocab_sampling():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50) * 3
+    keys = sampling.row_keys(7, 3, torch.arange(64), 5)
+    full = sampling.gumbel_max_sample(logits, keys, 0.7, vocab_start=0)
+    # What two TP ranks compute before their MAX / MIN all-reduces.
+    shards = [(0, logits[:, :25]), (25, logits[:, 25:])]
+    best = []
+    for start, shard in shards:
+        u = sampling.uniform_noise(keys, start, shard.shape[1])
+        scores = shard.double() / 0.7 - torch.log(-torch.log(u))
+        val, arg = scores.max(-1)
+        best.append((val, arg + start))
+    pick = torch.where(best[0][0] >= best[1][0], best[0][1], best[1][1])
+    assert torch.equal(full, pick)
+
+
+def test_samples_follow_softmax_at_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    n = 40000
+    keys = sampling.row_keys(123, 0, torch.arange(n), 0)
+    toks = sampling.gumbel_max_sample(logits.expand(n, -1), keys, 0.7, 0)
+    freq = torch.bincount(toks, minlength=5).double() / n
+    p = torch.softmax(logits[0].double() / 0.7, 0)
+    # 5 standard errors per category.
+    assert torch.all((freq - p).abs() <= 5 * torch.sqrt(p * (1 - p) / n)), (freq, p)
+
+
+def test_noise_is_uniform_and_depends_on_every_key_part():
+    keys = sampling.row_keys(1, 2, torch.arange(1000), 3)
+    u = sampling.uniform_noise(keys, 0, 100)
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.01
+    base = sampling.row_keys(1, 2, torch.tensor([5]), 3)
+    for other in (sampling.row_keys(2, 2, torch.tensor([5]), 3),
+                  sampling.row_keys(1, 3, torch.tensor([5]), 3),
+                  sampling.row_keys(1, 2, torch.tensor([6]), 3),
+                  sampling.row_keys(1, 2, torch.tensor([5]), 4)):
+        assert not torch.equal(base, other)
+    assert math.isclose(torch.corrcoef(torch.stack([u[:, 0], u[:, 1]]))[0, 1].item(), 0, abs_tol=0.1)
