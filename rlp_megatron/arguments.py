@@ -67,6 +67,12 @@ def add_rlp_args(parser):
     g.add_argument("--rlp-rollout-micro-batch-size", type=int, default=d.rollout_micro_batch_size,
                    help="Rows decoded together (bounds KV-cache/Mamba-state memory); 0 = all "
                         "rows of a data-parallel rank at once.")
+    g.add_argument("--rlp-ntp-every", type=int, default=0, metavar="K",
+                   help="In an RLP run, make every K-th iteration a next-token-prediction "
+                        "iteration (0 = never). Each objective logs under its own keys.")
+    g.add_argument("--rlp-ema-reinit", action="store_true",
+                   help="Start the EMA teacher as φ ← θ even if the resumed checkpoint has an "
+                        "EMA sidecar (also the way past an incomplete or mismatched sidecar).")
     g.add_argument("--rlp-seed", type=int, default=None,
                    help="Seed of positions and thought sampling (default: --seed).")
     g.add_argument("--rlp-metrics-file", type=str, default=None,
@@ -101,6 +107,8 @@ def validate_rlp_args(args) -> None:
         _fail(f"--rlp-clip-eps-high must be >= 0 (got {args.rlp_clip_eps_high})")
     if not 0 <= args.rlp_ema_decay <= 1:
         _fail(f"--rlp-ema-decay must be in [0, 1] (got {args.rlp_ema_decay})")
+    if args.rlp_ntp_every < 0 or args.rlp_ntp_every == 1:
+        _fail(f"--rlp-ntp-every must be 0 (off) or >= 2 (got {args.rlp_ntp_every})")
     if args.rlp_rollout_micro_batch_size < 0:
         _fail("--rlp-rollout-micro-batch-size must be >= 0 (0 = all rows at once)")
     if args.objective != "rlp":

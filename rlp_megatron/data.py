@@ -140,8 +140,9 @@ def build_sample(window: np.ndarray, group: int, *, eod: int, think: ThinkTokens
 class RLPDataset(torch.utils.data.Dataset):
     """Megatron GPT dataset → one row per sample index; G consecutive rows share one window.
 
-    Yields ``{"window": LongTensor[seq_length + 1], "index": LongTensor[]}`` where the window is
-    that of the group's first index (see the module docstring)."""
+    Yields the base sample of the row itself (so an interleaved NTP iteration trains on it as
+    usual) plus ``"window"`` (LongTensor[seq_length + 1], the window of the group's first index,
+    see the module docstring) and ``"index"`` (the global sample index)."""
 
     def __init__(self, base, group_size: int):
         self.base = base
@@ -152,9 +153,10 @@ class RLPDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         first = (idx // self.group_size) * self.group_size
-        item = self.base[first]
-        window = torch.cat([item["tokens"], item["labels"][-1:]])
-        return {"window": window.long(), "index": torch.tensor(idx, dtype=torch.long)}
+        own = self.base[idx]
+        group = own if first == idx else self.base[first]
+        window = torch.cat([torch.as_tensor(group["tokens"]), torch.as_tensor(group["labels"][-1:])])
+        return {**own, "window": window.long(), "index": torch.tensor(idx, dtype=torch.long)}
 
 
 # ---------------------------------------------------------------------------------------------

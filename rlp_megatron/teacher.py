@@ -82,3 +82,143 @@ class EMATeacher:
 
     def numel(self) -> int:
         return sum(t.numel() for t in self.ema.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint sidecar: iter_XXXXXXX/rlp_ema/, a megatron.core.dist_checkpointing checkpoint of φ
+# with the model's own sharded layout (so it reshards across TP/PP/DP like the model does).
+#
+# Validity rule: the sidecar is written *before* Megatron writes the model checkpoint of the same
+# iteration (whose completion moves latest_checkpointed_iteration.txt), and becomes valid only when
+# rank 0 writes SIDECAR_MARKER after every rank finished. A crash at any point therefore leaves
+# either no tracker update (the previous checkpoint, with its own valid sidecar, stays the latest)
+# or a directory without marker, which loading refuses with an error naming the path.
+
+SIDECAR_DIR = "rlp_ema"
+SIDECAR_MARKER = "rlp_ema_complete.json"
+FAIL_AFTER_WRITE_ENV = "RLP_MEGATRON_TEST_FAIL_EMA_SAVE"  # tests: crash between data and marker
+
+
+class SidecarError(RuntimeError):
+    pass
+
+
+def _walk(tree, path=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _walk(v, (*path, k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _walk(v, (*path, i))
+    else:
+        yield path, tree
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+def ema_sharded_state_dict(model_chunks, ema: dict[str, torch.Tensor]):
+    """The model chunks' sharded state dict with every parameter replaced by its φ tensor (other
+    entries such as ``_extra_state`` dropped). Returns (sharded_state_dict, {path: name})."""
+    import dataclasses as dc
+
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    by_id = {id(p): n for n, p in named_model_parameters(model_chunks)}
+    by_ptr = {(p.data_ptr(), tuple(p.shape)): n for n, p in named_model_parameters(model_chunks)}
+    out, names = {}, {}
+    for i, chunk in enumerate(model_chunks):
+        key = "model" if len(model_chunks) == 1 else f"model{i}"
+        for path, leaf in _walk(chunk.sharded_state_dict()):
+            data = getattr(leaf, "data", None)
+            if not isinstance(leaf, ShardedBase) or not isinstance(data, torch.Tensor):
+                continue
+            name = by_id.get(id(data)) or by_ptr.get((data.data_ptr(), tuple(data.shape)))
+            if name is None:
+                continue
+            sub = out.setdefault(key, {})
+            for k in path[:-1]:
+                sub = sub.setdefault(k, {})
+            sub[path[-1]] = dc.replace(leaf, data=ema[name])
+            names[(key, *path)] = name
+    return out, names
+
+
+def sidecar_path(iteration_dir) -> str:
+    import os
+
+    return os.path.join(str(iteration_dir), SIDECAR_DIR)
+
+
+def save_sidecar(teacher: EMATeacher, iteration_dir, iteration: int, sharded_strategy=None) -> None:
+    """Write φ to ``iteration_dir/rlp_ema`` (collective over all ranks), then the marker."""
+    import json
+    import os
+    import shutil
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    path = sidecar_path(iteration_dir)
+    if dist.get_rank() == 0:
+        if os.path.exists(path):  # a leftover of an interrupted save of this iteration
+            shutil.rmtree(path)
+        os.makedirs(path)
+    dist.barrier()
+    sd, _ = ema_sharded_state_dict(teacher.model_chunks, teacher.ema)
+    sd["rlp_ema_meta"] = {"decay": teacher.decay, "num_updates": teacher.num_updates,
+                          "iteration": iteration}
+    dist_checkpointing.save(sd, path, sharded_strategy=sharded_strategy)
+    if os.environ.get(FAIL_AFTER_WRITE_ENV) == str(iteration):
+        raise SystemExit(f"{FAIL_AFTER_WRITE_ENV}: simulated crash after writing {path}")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(os.path.join(path, SIDECAR_MARKER), "w") as f:
+            json.dump({"iteration": iteration, "tensors": len(teacher.ema)}, f)
+    dist.barrier()
+
+
+def sidecar_state(iteration_dir) -> str:
+    """'valid', 'missing' or 'incomplete'."""
+    import os
+
+    path = sidecar_path(iteration_dir)
+    if not os.path.isdir(path):
+        return "missing"
+    return "valid" if os.path.exists(os.path.join(path, SIDECAR_MARKER)) else "incomplete"
+
+
+def load_sidecar(model_chunks, iteration_dir, decay: float) -> EMATeacher:
+    """φ from ``iteration_dir/rlp_ema``, resharded to this run's layout; SidecarError naming the
+    path if it is incomplete, corrupt, or does not match the model."""
+    from megatron.core import dist_checkpointing
+
+    path = sidecar_path(iteration_dir)
+    state = sidecar_state(iteration_dir)
+    if state != "valid":
+        raise SidecarError(f"EMA teacher sidecar {path} is {state}")
+    names = dict(named_model_parameters(model_chunks))
+    target = {n: torch.empty(p.shape, dtype=torch.float32, device=p.device) for n, p in names.items()}
+    sd, paths = ema_sharded_state_dict(model_chunks, target)
+    sd["rlp_ema_meta"] = None
+    try:
+        loaded = dist_checkpointing.load(sd, path)
+    except Exception as exc:  # dist_checkpointing raises several types for bad/mismatched data
+        raise SidecarError(f"cannot load EMA teacher sidecar {path}: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    ema = {}
+    for p, name in paths.items():
+        t = loaded
+        for k in p:
+            t = t[k]
+        ema[name] = t.float()
+    missing = set(names) - set(ema)
+    if missing:
+        raise SidecarError(f"EMA teacher sidecar {path} has no tensor for {sorted(missing)[:3]}")
+    teacher = EMATeacher(model_chunks, decay, ema=ema)
+    meta = loaded.get("rlp_ema_meta") or {}
+    teacher.num_updates = int(meta.get("num_updates", 0))
+    return teacher

@@ -17,6 +17,22 @@ Megatron-LM's ``train()`` has no hook API, so the seams are module-level functio
 * ``num_floating_point_operations``: Megatron's FLOP count assumes NTP over ``--seq-length``; for
   RLP steps it is replaced by the FLOPs actually run (rollout + scoring + teacher + update), so
   ``--log-throughput`` and the FLOPs in checkpoints stay truthful.
+* ``training_log``: negative RLP metrics (log-probs) are added to the console line, which
+  Megatron restricts to non-negative averages.
+* ``save_checkpoint`` / ``load_checkpoint``: the EMA teacher travels with each checkpoint as a
+  dist-checkpointing sidecar ``iter_XXXXXXX/rlp_ema/`` (see :mod:`rlp_megatron.teacher` for the
+  crash-safety rule), and is resharded on load like the model.
+
+Switching objectives on one checkpoint directory (the users' workflow):
+
+* NTP → RLP: ``--objective rlp --load DIR`` continues the iteration counter; optimizer state, LR
+  schedule and RNG follow Megatron's own flags; the teacher starts as φ ← θ (loaded weights).
+* RLP → RLP (resume): φ is loaded from the sidecar; a missing sidecar warns and re-initialises
+  φ ← θ; an incomplete or mismatched one is an error naming its path (``--rlp-ema-reinit``
+  overrides).
+* RLP → NTP: ``--objective ntp --load DIR`` ignores the sidecar; NTP runs hold no teacher and
+  their checkpoints carry no sidecar (a stale φ would silently mislead a later RLP run, which
+  instead starts φ ← θ from the weights it resumes).
 """
 
 from __future__ import annotations
@@ -45,6 +61,7 @@ from megatron.training.argument_utils import (
 from megatron.training.arguments import parse_and_validate_args
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
+from megatron.training import checkpointing as mt_checkpointing
 from megatron.training import training as mt_training
 from megatron.training.global_vars import get_tokenizer
 
@@ -53,6 +70,7 @@ from rlp_megatron import megatron_fixes
 from rlp_megatron.backends import cpu as cpu_backend
 from rlp_megatron.data import RLPDataset, load_prompt_tokens, resolve_think_tokens
 from rlp_megatron.step import RLPStep, StepData
+from rlp_megatron import teacher as teacher_lib
 from rlp_megatron.teacher import EMATeacher
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
@@ -202,8 +220,42 @@ class Run:
                 check_nan=args.check_for_nan_in_loss_and_grad,
             )
 
+        self.loaded_iteration_dir: str | None = None
+
     def objective_for(self, iteration: int) -> str:
+        """Objective of the step that produces iteration ``iteration + 1``."""
+        k = self.args.rlp_ntp_every
+        if self.args.objective == "rlp" and k and (iteration + 1) % k == 0:
+            return "ntp"
         return self.args.objective
+
+    def ensure_teacher(self, model) -> None:
+        """φ at the first step of an RLP run: from the resumed checkpoint's sidecar, else φ ← θ."""
+        if self.rlp is None or self.rlp.teacher is not None:
+            return
+        decay = self.rlp.cfg.ema_decay
+        where = self.loaded_iteration_dir
+        state = teacher_lib.sidecar_state(where) if where else "missing"
+        if where and self.args.rlp_ema_reinit:
+            print_rank_0(f"rlp_megatron: --rlp-ema-reinit: EMA teacher starts as φ ← θ "
+                         f"(ignoring {teacher_lib.sidecar_path(where)})")
+        elif state == "valid":
+            try:
+                self.rlp.teacher = teacher_lib.load_sidecar(model, where, decay)
+            except teacher_lib.SidecarError as exc:
+                raise SystemExit(f"rlp_megatron: {exc}; pass --rlp-ema-reinit to start φ ← θ")
+            print_rank_0(f"rlp_megatron: loaded EMA teacher from {teacher_lib.sidecar_path(where)}")
+            return
+        elif state == "incomplete":
+            raise SystemExit(f"rlp_megatron: EMA teacher sidecar {teacher_lib.sidecar_path(where)} "
+                             f"is incomplete (interrupted save); pass --rlp-ema-reinit to start φ ← θ")
+        elif where and _saved_objective(where) == "rlp":
+            print_rank_0(f"rlp_megatron: WARNING: RLP checkpoint {where} has no EMA teacher "
+                         f"sidecar ({teacher_lib.SIDECAR_DIR}/); starting φ ← θ from its weights")
+        elif where:
+            print_rank_0(f"rlp_megatron: switching to RLP from the NTP checkpoint {where}: "
+                         f"EMA teacher starts as φ ← θ (the loaded weights)")
+        self.rlp.teacher = EMATeacher(model, decay)
 
     def write_metrics(self, iteration: int, objective: str, loss_reduced: dict) -> None:
         if not self.metrics_file or torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
@@ -215,6 +267,17 @@ class Run:
 
 
 _RUN: Run | None = None
+
+
+def _saved_objective(iteration_dir) -> str:
+    """The --objective a checkpoint was saved with (checkpoints from plain Megatron: ntp)."""
+    from megatron.core.dist_checkpointing import load_common_state_dict
+
+    try:
+        saved = load_common_state_dict(iteration_dir).get("args")
+    except Exception:  # unreadable common state: the model load already succeeded, so be lenient
+        return "unknown"
+    return getattr(saved, "objective", "ntp")
 
 
 def sync_params(model, optimizer, args) -> None:
@@ -230,8 +293,6 @@ def _rlp_iteration(run: Run, orig_train_step, data_iterator, model, optimizer, s
     step = run.rlp
     num_mb = get_num_microbatches()
     t0 = time.perf_counter()
-    if step.teacher is None:
-        step.teacher = EMATeacher(model, step.cfg.ema_decay)  # φ ← θ at the first RLP step
     work, samples = step.pull_samples(data_iterator, num_mb)
     rollout = step.rollout(model, work, iteration)
     t1 = time.perf_counter()
@@ -293,6 +354,7 @@ def _dump_rollout(directory, iteration, data: StepData):
 def _train_step(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler, config,
                 forward_backward_func, iteration=None, **kwargs):
     run, args = _RUN, get_args()
+    run.ensure_teacher(model)
     objective = run.objective_for(iteration)
     run.last_step_flops = None
     extra = {}
@@ -350,6 +412,50 @@ def _training_log(loss_dict, total_loss_dict, *args, **kwargs):
         mt_training.print_rank_last = orig_print
 
 
+def _save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs):
+    """Megatron's save_checkpoint, preceded by the EMA sidecar of the same iteration."""
+    margs = get_args()
+    teacher = _RUN.rlp.teacher if _RUN is not None and _RUN.rlp is not None else None
+    persistent = not kwargs.get("non_persistent_ckpt", False)
+    if teacher is not None and margs.save and persistent and margs.ckpt_format == "torch_dist":
+        iteration_dir = mt_checkpointing.get_checkpoint_name(margs.save, iteration,
+                                                             return_base_dir=True)
+        teacher_lib.save_sidecar(teacher, iteration_dir, iteration, _sidecar_strategy(margs))
+    return _ORIG_SAVE_CHECKPOINT(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs)
+
+
+def _sidecar_strategy(args):
+    """The main checkpoint's save options (torch_dist, fully parallel over DP when asked)."""
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    strategy = TorchDistSaveShardedStrategy()
+    if args.ckpt_fully_parallel_save:
+        strategy = FullyParallelSaveStrategyWrapper(
+            strategy, mpu.get_data_parallel_group(with_context_parallel=True))
+    return strategy
+
+
+def _load_checkpoint(*args, **kwargs):
+    """Megatron's load_checkpoint; remembers which iteration directory was resumed (not the
+    --pretrained-checkpoint / --finetune case, which starts a new run)."""
+    result = _ORIG_LOAD_CHECKPOINT(*args, **kwargs)
+    margs = get_args()
+    iteration = result[0] if isinstance(result, tuple) else 0
+    if _RUN is not None and margs.load and iteration > 0 and not margs.finetune:
+        import os
+
+        iteration_dir = mt_checkpointing.get_checkpoint_name(margs.load, iteration,
+                                                             return_base_dir=True)
+        if os.path.isdir(iteration_dir):
+            _RUN.loaded_iteration_dir = iteration_dir
+    return result
+
+
+_ORIG_SAVE_CHECKPOINT = mt_training.save_checkpoint
+_ORIG_LOAD_CHECKPOINT = mt_training.load_checkpoint
 _ORIG_TRAIN_STEP = mt_training.train_step
 _ORIG_FLOPS = mt_training.num_floating_point_operations
 _ORIG_TRAINING_LOG = mt_training.training_log
@@ -361,6 +467,8 @@ def install_hooks(args) -> Run:
     mt_training.train_step = _train_step
     mt_training.num_floating_point_operations = _num_floating_point_operations
     mt_training.training_log = _training_log
+    mt_training.save_checkpoint = _save_checkpoint
+    mt_training.load_checkpoint = _load_checkpoint
     return _RUN
 
 

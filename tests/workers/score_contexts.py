@@ -1,0 +1,66 @@
+"""Score log p(x_t | context) for fixed (context, target) pairs with weights from a checkpoint.
+
+    torchrun --nproc-per-node N tests/workers/score_contexts.py ITER_DIR PAIRS.pt OUT.pt {theta,ema} <flags>
+
+``theta``: the model weights of ITER_DIR (a Megatron torch_dist checkpoint). ``ema``: the EMA
+teacher sidecar ITER_DIR/rlp_ema loaded into this run's layout (resharded) and swapped in.
+Scoring goes through the same teacher-forward code the RLP step uses.
+"""
+
+import sys
+
+import rlp_megatron  # noqa: F401
+import torch
+from megatron.core import dist_checkpointing, mpu
+from megatron.core.enums import ModelType
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.training import get_args
+from megatron.training.argument_utils import pretrain_cfg_container_from_args
+from megatron.training.initialize import initialize_megatron
+from megatron.training.training import setup_model_and_optimizer
+
+from rlp_megatron import megatron_fixes, teacher, train
+from rlp_megatron.data import layout_rows
+from rlp_megatron.step import _forward_only, _micro_batches, _score_forward_step
+
+
+def main():
+    iter_dir, pairs_path, out_path, which, *flags = sys.argv[1:]
+    train.parse_args(flags)
+    megatron_fixes.install()
+    initialize_megatron()
+    args = get_args()
+    cfg = pretrain_cfg_container_from_args(args, train.model_config_from_args(args))
+    model, _, _ = setup_model_and_optimizer(
+        ModelType.encoder_or_decoder, cfg_container=cfg,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    module = model[0].module
+    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, iter_dir)
+    module.load_state_dict(state["model"])
+
+    pairs = torch.load(pairs_path)
+    contexts, targets = pairs["contexts"], pairs["targets"]
+    rows = layout_rows(contexts, [[] for _ in contexts], [True] * len(contexts), targets,
+                       think_close=0, seq_length=args.seq_length)
+    mbs = 1
+    batch = _micro_batches(dict(tokens=rows.tokens, position_ids=rows.position_ids,
+                                labels=rows.labels, target_pos=rows.target_pos), mbs)
+    score = lambda: _forward_only(model, batch, _score_forward_step_t1, args.seq_length, mbs)
+    if which == "ema":
+        ema = teacher.load_sidecar(model, iter_dir, decay=0.999)
+        with ema.swapped_in():
+            out = score()
+    else:
+        out = score()
+    if mpu.is_pipeline_last_stage() and mpu.get_tensor_model_parallel_rank() == 0 \
+            and mpu.get_data_parallel_rank() == 0:
+        torch.save(torch.cat([o["s_target"] for o in out]), out_path)
+    torch.distributed.barrier()
+
+
+def _score_forward_step_t1(data_iterator, model):
+    return _score_forward_step(data_iterator, model, temperature=1.0, need_logp=False)
+
+
+if __name__ == "__main__":
+    main()
