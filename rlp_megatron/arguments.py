@@ -130,8 +130,6 @@ def validate_rlp_args(args) -> None:
     if getattr(args, "virtual_pipeline_model_parallel_size", None):
         _fail("virtual pipeline stages (--num-layers-per-virtual-pipeline-stage) are not "
               "supported with --objective rlp")
-    if args.pipeline_model_parallel_size > 1:
-        _fail("--pipeline-model-parallel-size > 1 is not supported with --objective rlp yet")
     _check_think_tokens(args)
 
 

@@ -113,8 +113,13 @@ class RLPStep:
             thought_length=self.cfg.thought_length, temperature=self.cfg.temperature,
             seed=self.cfg.seed, think=self.think,
             micro_batch_size=self.cfg.rollout_micro_batch_size)
+        pipeline = None
+        if mpu.get_pipeline_model_parallel_world_size() > 1:
+            config = chunk.config if hasattr(chunk, "config") else chunk.module.config
+            pipeline = rollout_lib.inference.Pipeline(config.hidden_size, config.params_dtype)
         return rollout_lib.generate(chunk, work, cfg, iteration, vocab_start,
-                                    tp_group=mpu.get_tensor_model_parallel_group())
+                                    tp_group=mpu.get_tensor_model_parallel_group(),
+                                    pipeline=pipeline)
 
     # -----------------------------------------------------------------------------------------
     # Phase 3: scoring (θ: S_pred and old log-probs; φ: S_EMA)

@@ -262,6 +262,9 @@ class Run:
             return
         record = {"iteration": iteration, "objective": objective}
         record.update({k: float(v) for k, v in loss_reduced.items()})
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.metrics_file)), exist_ok=True)
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -59,7 +59,8 @@ def test_valid_arguments_pass_and_seed_defaults_to_megatron_seed():
     (dict(global_batch_size=30), "--global-batch-size (30) must be a multiple of --rlp-group-size"),
     (dict(rlp_thought_length=40), "exceeds --seq-length/--max-position-embeddings (64)"),
     (dict(rlp_think_tokens=["5 6", "7"]), "--rlp-think-tokens: '5 6' is 2 tokens"),
-    (dict(pipeline_model_parallel_size=2), "--pipeline-model-parallel-size"),
+    (dict(context_parallel_size=2), "--context-parallel-size > 1 is not supported"),
+    (dict(rlp_ntp_every=1), "--rlp-ntp-every must be 0 (off) or >= 2"),
 ])
 def test_bad_values_name_the_flag(overrides, flag):
     with pytest.raises(SystemExit) as exc:

@@ -11,6 +11,11 @@ Per rollout batch (whole groups, sorted by prompt length so that lengths within 
    its next thought token (Gumbel-max over the vocab shards, :mod:`.sampling`) and stops at a
    sampled ``</think>`` or after ``thought_length`` tokens.
 
+With pipeline parallelism each step runs stage by stage (hidden states sent forward), the last
+stage samples, and only the sampled token ids (one int64 per row) go back to the other stages —
+not Megatron's broadcast of full logits. Every stage tracks the same per-row state from those ids,
+so all stages agree on when the batch is done and hold the thoughts for the update.
+
 The cost of static batching is ``L_max − L_min`` extra decode steps per batch, which the length
 sort keeps small when a rank holds many groups.
 
@@ -73,16 +78,19 @@ def _batches(work: list[tuple[RLPSample, list[int]]], max_rows: int):
 
 
 def generate(model, work: list[tuple[RLPSample, list[int]]], cfg: RolloutConfig, iteration: int,
-             vocab_start: int, tp_group=None) -> Rollout:
+             vocab_start: int, tp_group=None, pipeline: inference.Pipeline | None = None) -> Rollout:
     """Thoughts for every (group sample, global rows) pair in ``work``."""
     out = Rollout(rows=[], groups=[], thoughts=[], closed=[], behaviour_logprobs=[])
+    if pipeline is not None and pipeline.size == 1:
+        pipeline = None
     with inference.inference_mode(model):
         for batch in _batches(work, cfg.micro_batch_size):
-            _generate_batch(model, batch, cfg, iteration, vocab_start, tp_group, out)
+            _generate_batch(model, batch, cfg, iteration, vocab_start, tp_group, pipeline, out)
     return out
 
 
-def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp_group, out):
+def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp_group, pipeline,
+                    out):
     samples = [s for s, _ in batch]
     rows_per_sample = [len(r) for _, r in batch]
     rows = torch.tensor([r for _, rs in batch for r in rs], dtype=torch.long)
@@ -95,9 +103,11 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp
 
     ctx = inference.new_context(n_rows, l_max + cfg.thought_length + 1)
     distinct = torch.stack([torch.tensor(s.prompt[:l_min]) for s in samples])
-    logits = inference.forward_with_cache(model, distinct, ctx)  # once per context
+    logits = inference.forward_with_cache(model, distinct, ctx, pipeline)  # once per context
     inference.replicate_cache(model, ctx, index)
-    logits = logits[index]
+    is_last = pipeline is None or pipeline.is_last
+    if is_last:
+        logits = logits[index]
 
     thought = torch.full((n_rows, cfg.thought_length), cfg.pad_id, dtype=torch.long)
     logps = torch.zeros((n_rows, cfg.thought_length))
@@ -113,11 +123,18 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp
         if bool(in_prompt.any()):
             next_tok[in_prompt] = prompts[in_prompt, pos]
         if sampling_rows.any():
-            # Noise keyed by the thought position u, not the absolute position: layout-independent.
-            keys = sampling.row_keys(cfg.seed, iteration, rows, 0)
-            keys = sampling.splitmix64(keys ^ n_tok)
-            tok = sampling.gumbel_max_sample(logits, keys, cfg.temperature, vocab_start, tp_group)
-            lp = inference.token_logprobs(logits, tok, cfg.temperature)
+            if is_last:
+                # Noise keyed by the thought position u, not the absolute position.
+                keys = sampling.row_keys(cfg.seed, iteration, rows, 0)
+                keys = sampling.splitmix64(keys ^ n_tok)
+                tok = sampling.gumbel_max_sample(logits, keys, cfg.temperature, vocab_start,
+                                                 tp_group)
+                lp = inference.token_logprobs(logits, tok, cfg.temperature)
+            else:
+                tok = torch.zeros(n_rows, dtype=torch.long)
+                lp = torch.zeros(n_rows)
+            if pipeline is not None:
+                tok = pipeline.broadcast_tokens(tok)
             sel = all_rows[sampling_rows]
             thought[sel, n_tok[sel]] = tok[sel]
             logps[sel, n_tok[sel]] = lp[sel]
@@ -127,7 +144,7 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp
             next_tok[sel] = tok[sel]
         if bool(done.all()):
             break
-        logits = inference.forward_with_cache(model, next_tok[:, None], ctx)
+        logits = inference.forward_with_cache(model, next_tok[:, None], ctx, pipeline)
         pos += 1
 
     for i in range(n_rows):

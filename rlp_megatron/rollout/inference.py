@@ -57,9 +57,14 @@ def new_context(max_batch_size: int, max_sequence_length: int) -> StaticInferenc
     return StaticInferenceContext(max_batch_size, max_sequence_length)
 
 
-def forward_with_cache(model, tokens: torch.Tensor, ctx: StaticInferenceContext) -> torch.Tensor:
+def forward_with_cache(model, tokens: torch.Tensor, ctx: StaticInferenceContext,
+                       pipeline: "Pipeline | None" = None) -> torch.Tensor | None:
     """Feed ``tokens`` [b, s] at positions ctx.sequence_len_offset... ; returns the vocab-parallel
-    logits of the last position, [b, V/tp]."""
+    logits of the last position, [b, V/tp], on the last pipeline stage (None elsewhere).
+
+    With pipeline parallelism the stages run one after another: a stage receives the previous
+    stage's hidden states [s, b, h], runs its layers (each stage caches its own layers' KV and
+    Mamba states) and sends its hidden states on. Logits never leave the last stage."""
     b, s = tokens.shape
     start = ctx.sequence_len_offset
     position_ids = torch.arange(start, start + s, device=tokens.device)[None].expand(b, s)
@@ -67,9 +72,44 @@ def forward_with_cache(model, tokens: torch.Tensor, ctx: StaticInferenceContext)
         ctx.enable_prefill_mode()
     else:
         ctx.enable_decode_mode()
-    logits = model(tokens, position_ids, None, inference_context=ctx, runtime_gather_output=True)
+    if pipeline is not None and not pipeline.is_first:
+        get_attr_wrapped_model(model, "set_input_tensor")(pipeline.recv_hidden(s, b))
+    out = model(tokens, position_ids, None, inference_context=ctx, runtime_gather_output=True)
     ctx.sequence_len_offset += s
-    return logits[:, -1, :]
+    if pipeline is not None and not pipeline.is_last:
+        pipeline.send_hidden(out)
+        return None
+    return out[:, -1, :]
+
+
+class Pipeline:
+    """Point-to-point hops of a stage-by-stage decode: hidden states forward to the next stage,
+    sampled token ids (one int64 per row) from the last stage to all stages."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype):
+        from megatron.core import mpu
+
+        self.group = mpu.get_pipeline_model_parallel_group()
+        self.size = mpu.get_pipeline_model_parallel_world_size()
+        self.rank = mpu.get_pipeline_model_parallel_rank()
+        self.is_first = self.rank == 0
+        self.is_last = self.rank == self.size - 1
+        self.next = mpu.get_pipeline_model_parallel_next_rank()
+        self.prev = mpu.get_pipeline_model_parallel_prev_rank()
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+
+    def send_hidden(self, hidden: torch.Tensor) -> None:
+        torch.distributed.send(hidden.contiguous(), dst=self.next)
+
+    def recv_hidden(self, s: int, b: int) -> torch.Tensor:
+        buf = torch.empty((s, b, self.hidden_size), dtype=self.dtype)
+        torch.distributed.recv(buf, src=self.prev)
+        return buf
+
+    def broadcast_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        torch.distributed.broadcast(tokens, group=self.group, group_src=self.size - 1)
+        return tokens
 
 
 def token_logprobs(vocab_parallel_logits: torch.Tensor, targets: torch.Tensor,
