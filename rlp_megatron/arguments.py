@@ -127,6 +127,9 @@ def validate_rlp_args(args) -> None:
     for flag, name in (("context_parallel_size", "--context-parallel-size"),):
         if getattr(args, flag, 1) > 1:
             _fail(f"{name} > 1 is not supported with --objective rlp")
+    if getattr(args, "sequence_parallel", False):
+        _fail("--sequence-parallel is not supported with --objective rlp: rollouts decode one "
+              "token per step through Megatron's inference path, which requires it off")
     if getattr(args, "virtual_pipeline_model_parallel_size", None):
         _fail("virtual pipeline stages (--num-layers-per-virtual-pipeline-stage) are not "
               "supported with --objective rlp")

@@ -18,6 +18,13 @@ and on any GPU install without them. megatron-core 0.19.x has three resume bugs 
    ``_set_main_param_and_optimizer_states`` under ``no_grad`` and skip ``step`` there, as Megatron's
    other two loaders (fully reshardable, fs model space) already do.
 
+4. ``WrappedTorchNorm`` (the norm of ``--transformer-impl local``) asserts that sequence parallelism
+   is off, although nothing in it depends on the sequence layout: the only requirement is that its
+   weights are marked ``sequence_parallel`` so that ``finalize_model_grads`` all-reduces their
+   gradients over TP, as Megatron's fused and TE norms do. Fix: build it with the flag lowered and
+   mark the parameters. (Measured: TP=2 with and without ``--sequence-parallel`` give bitwise
+   equal losses for GPT and hybrid models on CPU.)
+
 Set ``RLP_MEGATRON_MEGATRON_FIXES=0`` to run without them (the tests use it to show each bug).
 """
 
@@ -63,12 +70,37 @@ def _unshare_steps(optimizer: torch.optim.Optimizer) -> None:
             seen.add(id(state["step"]))
 
 
+def _allow_sequence_parallel_torch_norm() -> None:  # fix 4
+    from megatron.core.transformer import torch_norm
+
+    cls = torch_norm.WrappedTorchNorm
+    if getattr(cls.__new__, "_rlp_sp", False):
+        return
+    original_new = cls.__new__
+
+    def __new__(cls_, config, hidden_size, eps=1e-5, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls_, config, hidden_size, eps, **kwargs)
+        config.sequence_parallel = False
+        try:
+            norm = original_new(cls_, config, hidden_size, eps, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    __new__._rlp_sp = True
+    cls.__new__ = staticmethod(__new__)
+
+
 def install() -> None:
-    """Install the fixes (idempotent; no-op when apex/TE fused Adam is in use)."""
+    """Install the fixes (idempotent; the Adam ones are no-ops when apex/TE fused Adam is used)."""
     global _INSTALLED
     if _INSTALLED or os.environ.get("RLP_MEGATRON_MEGATRON_FIXES", "1") == "0":
         return
     _INSTALLED = True
+    _allow_sequence_parallel_torch_norm()
     if not _torch_adam_without_fused_backend():
         return
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer

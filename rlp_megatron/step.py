@@ -21,10 +21,8 @@ Choices (the paper leaves them open; rlp_spec §7):
 from __future__ import annotations
 
 import dataclasses
-import time
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import mpu
@@ -86,10 +84,11 @@ class RLPStep:
             batches = [next(data_iterator) for _ in range(num_microbatches)]
             windows = torch.cat([b["window"] for b in batches]).long()
             indices = torch.cat([b["index"] for b in batches]).long()
+        windows, indices = windows.cuda(), indices.cuda()  # NCCL broadcasts device tensors
         _broadcast_from_loader_rank(windows)
         _broadcast_from_loader_rank(indices)
         samples, work = {}, {}
-        for w, idx in zip(windows, indices.tolist()):
+        for w, idx in zip(windows.cpu(), indices.tolist()):
             group = idx // self.cfg.group_size
             if group not in samples:
                 samples[group] = build_sample(
@@ -142,8 +141,8 @@ class RLPStep:
             partial(_score_forward_step, temperature=self.cfg.temperature), self.seq_length,
             self.micro_batch_size)
         if out is not None:
-            data.old_logp = torch.cat([o["logp"] for o in out]) * data.thought_mask
-            data.s_pred = torch.cat([o["s_target"] for o in out])
+            data.old_logp = torch.cat([o["logp"] for o in out]).cpu() * data.thought_mask
+            data.s_pred = torch.cat([o["s_target"] for o in out]).cpu()
 
     def score_teacher(self, model, data: StepData) -> None:
         """S_EMA = log p̄_φ(x_t | context) once per group, with φ swapped into the model."""
@@ -164,7 +163,7 @@ class RLPStep:
                                 partial(_score_forward_step, temperature=1.0, need_logp=False),
                                 self.seq_length, mbs)
         if out is not None:
-            s_ema_group = torch.cat([o["s_target"] for o in out])[: len(groups)]
+            s_ema_group = torch.cat([o["s_target"] for o in out]).cpu()[: len(groups)]
             by_group = dict(zip(groups, s_ema_group.tolist()))
             data.s_ema = torch.tensor([by_group[g] for g in data.rollout.groups])
 
@@ -177,9 +176,9 @@ class RLPStep:
         rows = torch.tensor(r.rows, dtype=torch.long)
         closed = torch.tensor(r.closed, dtype=torch.bool)
         lengths = torch.tensor([len(t) for t in r.thoughts], dtype=torch.float64)
-        local = torch.stack([rows.double(), data.s_pred.double(), data.s_ema.double(),
+        local = torch.stack([rows.double(), data.s_pred.cpu().double(), data.s_ema.double(),
                              closed.double(), lengths], dim=1)
-        world = _all_gather_rows(local, dp)  # [global rows, 5]
+        world = _all_gather_rows(local.cuda(), dp).cpu()  # [global rows, 5]
         world = world[torch.argsort(world[:, 0])]
         G = self.cfg.group_size
         s_pred, s_ema = world[:, 1].view(-1, G), world[:, 2].view(-1, G)
@@ -206,9 +205,9 @@ class RLPStep:
                                  dtype=torch.float64)
         else:
             stats = torch.zeros(3, dtype=torch.float64)
-        summed = stats[:2].clone()
+        summed = stats[:2].clone().cuda()
         dist.all_reduce(summed, group=dp)
-        mx = stats[2:].clone()
+        mx = stats[2:].clone().cuda()
         dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=dp)
         data.metrics["rlp/logprob_mismatch"] = (summed[0] / summed[1].clamp(min=1)).item()
         data.metrics["rlp/logprob_mismatch_max"] = mx[0].item()
@@ -229,7 +228,7 @@ class RLPStep:
         return RerunDataIterator(iter(_micro_batches(fields, self.micro_batch_size)))
 
     def forward_step(self, data_iterator, model, return_schedule_plan: bool = False):
-        mb = next(data_iterator)
+        mb = _to_device(next(data_iterator))
         output = model(mb["tokens"], mb["position_ids"], None)
         return output, partial(self.loss_func, mb)
 
@@ -251,7 +250,7 @@ class RLPStep:
         }
         if self.calculate_per_token_loss:
             return loss_sum, count.to(torch.int), report
-        return loss_sum * self._loss_scale, torch.tensor(1, dtype=torch.int), report
+        return loss_sum * self._loss_scale, torch.ones((), dtype=torch.int).cuda(), report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,17 +265,21 @@ def _output_layer(chunk):
     return get_attr_wrapped_model(chunk, "output_layer")
 
 
+def _to_device(mb: dict) -> dict:
+    return {k: v.cuda(non_blocking=True) for k, v in mb.items()}
+
+
 def _micro_batches(fields: dict, mbs: int) -> list[dict]:
     n = next(iter(fields.values())).shape[0]
     return [{k: v[i : i + mbs] for k, v in fields.items()} for i in range(0, n, mbs)]
 
 
 def _score_forward_step(data_iterator, model, temperature, need_logp=True):
-    mb = next(data_iterator)
+    mb = _to_device(next(data_iterator))
     output = model(mb["tokens"], mb["position_ids"], None)
 
     def collect(output_tensor, non_loss_data=False):
-        rows = torch.arange(output_tensor.shape[0])
+        rows = torch.arange(output_tensor.shape[0], device=output_tensor.device)
         target_logits = output_tensor[rows, mb["target_pos"]]
         s_target = token_logprobs(target_logits, mb["labels"][rows, mb["target_pos"]])
         result = {"s_target": s_target.float()}
@@ -300,10 +303,10 @@ def _forward_only(model, batches, forward_step, seq_length, mbs):
 def _loader_src(group) -> int:
     """Group rank of the first-stage TP-rank-0 process (it holds the data iterator)."""
     flag = torch.tensor([1 if (mpu.get_tensor_model_parallel_rank() == 0
-                               and mpu.is_pipeline_first_stage()) else 0])
+                               and mpu.is_pipeline_first_stage()) else 0]).cuda()
     flags = [torch.zeros_like(flag) for _ in range(dist.get_world_size(group))]
     dist.all_gather(flags, flag, group=group)
-    return int(torch.cat(flags).argmax())
+    return int(torch.cat(flags).argmax().item())
 
 
 def _broadcast_from_loader_rank(tensor: torch.Tensor) -> None:
@@ -330,9 +333,3 @@ def _validate_finite(loss):
     rsm.validate_result(result=loss, rejection_func=torch.isinf,
                         message="found Inf in local RLP loss", tolerance=0.0, fatal=True)
 
-
-def now() -> float:
-    return time.perf_counter()
-
-
-__all__ = ["RLPStep", "StepData", "now", "np"]

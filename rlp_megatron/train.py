@@ -314,6 +314,7 @@ def _rlp_iteration(run: Run, orig_train_step, data_iterator, model, optimizer, s
         _dump_rollout(args.rlp_dump_rollouts, iteration + 1, data)
     totals = torch.tensor([len(rollout.rows), rollout.generated_tokens,
                            sum(len(s.prompt) for s in samples.values())], dtype=torch.float64)
+    totals = totals.cuda()
     torch.distributed.all_reduce(totals, group=mpu.get_data_parallel_group())
     thoughts, gen_tokens, prefill_tokens = totals.tolist()
     data.metrics.update({
@@ -376,7 +377,7 @@ def _train_step(forward_step_func, data_iterator, model, optimizer, opt_param_sc
         teacher.update()
     if loss_reduced or mpu.is_pipeline_last_stage():
         loss_reduced = dict(loss_reduced)
-        loss_reduced.update({k: torch.tensor(v) for k, v in extra.items()})
+        loss_reduced.update({k: torch.tensor(v).cuda() for k, v in extra.items()})
         run.write_metrics(iteration + 1, objective, loss_reduced)
         out = (loss_reduced, *out[1:])
     return out

@@ -222,7 +222,6 @@ def test_check_cpu_args_accepts_cpu_flags():
 
 
 @pytest.mark.parametrize("override,flag", [
-    ({"sequence_parallel": True}, "--sequence-parallel"),
     ({"fp16": True}, "--fp16"),
     ({"bf16": True}, "--bf16"),
     ({"transformer_impl": "transformer_engine"}, "--transformer-impl transformer_engine"),

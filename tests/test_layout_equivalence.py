@@ -18,6 +18,7 @@ LAYOUTS = {
     "reference": (1, []),
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+    "tp2sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
 }
 
 
@@ -59,14 +60,15 @@ def test_tp2_matches_tp1_logits_and_loss(layout_runs):
 
 
 @pytest.mark.slow
-def test_pp2_matches_pp1_loss(layout_runs):
+@pytest.mark.parametrize("layout, rank", [("pp2", 1), ("tp2sp", 0)])  # loss on the last stage
+def test_pp2_and_sequence_parallel_match_reference_loss(layout_runs, layout, rank):
     _, out = layout_runs
-    ref, pp2 = _results(out, "reference", 0), _results(out, "pp2", 1)  # loss lives on the last stage
-    assert abs(ref["loss"] - pp2["loss"]) <= 1e-5
+    ref, other = _results(out, "reference", 0), _results(out, layout, rank)
+    assert abs(ref["loss"] - other["loss"]) <= 1e-5
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2sp"])
 def test_gradients_match_reference_layout(layout_runs, layout):
     _, out = layout_runs
     ref, other = _grads(out, "reference"), _grads(out, layout)

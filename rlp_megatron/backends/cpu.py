@@ -421,8 +421,6 @@ def suspended():
 _UNSUPPORTED_ON_CPU = (
     (lambda a: getattr(a, "transformer_impl", "local") == "transformer_engine",
      "--transformer-impl transformer_engine", "use --transformer-impl local"),
-    (lambda a: getattr(a, "sequence_parallel", False),
-     "--sequence-parallel", "gloo has no reduce-scatter on CPU tensors of this layout"),
     (lambda a: getattr(a, "fp16", False) or getattr(a, "bf16", False),
      "--fp16/--bf16", "CPU runs are fp32"),
     (lambda a: getattr(a, "tp_comm_overlap", False), "--tp-comm-overlap", "needs CUDA userbuffers"),

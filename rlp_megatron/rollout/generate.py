@@ -91,34 +91,37 @@ def generate(model, work: list[tuple[RLPSample, list[int]]], cfg: RolloutConfig,
 
 def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp_group, pipeline,
                     out):
+    dev = torch.cuda.current_device()  # Megatron's device (the CPU backend maps it to CPU)
     samples = [s for s, _ in batch]
     rows_per_sample = [len(r) for _, r in batch]
-    rows = torch.tensor([r for _, rs in batch for r in rs], dtype=torch.long)
-    index = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(rows_per_sample))
-    lengths = torch.tensor([len(s.prompt) for s in samples])[index]
+    rows = torch.tensor([r for _, rs in batch for r in rs], dtype=torch.long, device=dev)
+    index = torch.repeat_interleave(torch.arange(len(batch), device=dev),
+                                    torch.tensor(rows_per_sample, device=dev))
+    lengths = torch.tensor([len(s.prompt) for s in samples], device=dev)[index]
     n_rows, l_min, l_max = len(rows), int(lengths.min()), int(lengths.max())
     prompts = torch.full((n_rows, l_max), cfg.pad_id, dtype=torch.long)
     for i, j in enumerate(index.tolist()):
         prompts[i, : len(samples[j].prompt)] = torch.tensor(samples[j].prompt)
+    prompts = prompts.to(dev)
 
     ctx = inference.new_context(n_rows, l_max + cfg.thought_length + 1)
-    distinct = torch.stack([torch.tensor(s.prompt[:l_min]) for s in samples])
+    distinct = torch.tensor([s.prompt[:l_min] for s in samples], dtype=torch.long, device=dev)
     logits = inference.forward_with_cache(model, distinct, ctx, pipeline)  # once per context
     inference.replicate_cache(model, ctx, index)
     is_last = pipeline is None or pipeline.is_last
     if is_last:
         logits = logits[index]
 
-    thought = torch.full((n_rows, cfg.thought_length), cfg.pad_id, dtype=torch.long)
-    logps = torch.zeros((n_rows, cfg.thought_length))
-    n_tok = torch.zeros(n_rows, dtype=torch.long)
-    closed = torch.zeros(n_rows, dtype=torch.bool)
-    done = torch.zeros(n_rows, dtype=torch.bool)
+    thought = torch.full((n_rows, cfg.thought_length), cfg.pad_id, dtype=torch.long, device=dev)
+    logps = torch.zeros((n_rows, cfg.thought_length), device=dev)
+    n_tok = torch.zeros(n_rows, dtype=torch.long, device=dev)
+    closed = torch.zeros(n_rows, dtype=torch.bool, device=dev)
+    done = torch.zeros(n_rows, dtype=torch.bool, device=dev)
     pos = l_min  # position predicted by `logits`
-    all_rows = torch.arange(n_rows)
+    all_rows = torch.arange(n_rows, device=dev)
     while True:
         sampling_rows = (pos >= lengths) & ~done
-        next_tok = torch.full((n_rows,), cfg.pad_id, dtype=torch.long)
+        next_tok = torch.full((n_rows,), cfg.pad_id, dtype=torch.long, device=dev)
         in_prompt = pos < lengths
         if bool(in_prompt.any()):
             next_tok[in_prompt] = prompts[in_prompt, pos]
@@ -131,8 +134,8 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp
                                                  tp_group)
                 lp = inference.token_logprobs(logits, tok, cfg.temperature)
             else:
-                tok = torch.zeros(n_rows, dtype=torch.long)
-                lp = torch.zeros(n_rows)
+                tok = torch.zeros(n_rows, dtype=torch.long, device=dev)
+                lp = torch.zeros(n_rows, device=dev)
             if pipeline is not None:
                 tok = pipeline.broadcast_tokens(tok)
             sel = all_rows[sampling_rows]
@@ -147,10 +150,11 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp
         logits = inference.forward_with_cache(model, next_tok[:, None], ctx, pipeline)
         pos += 1
 
-    for i in range(n_rows):
+    thought, logps, n_tok, closed = thought.cpu(), logps.cpu(), n_tok.cpu(), closed.cpu()
+    for i, (row, j) in enumerate(zip(rows.tolist(), index.tolist())):
         n = int(n_tok[i])
-        out.rows.append(int(rows[i]))
-        out.groups.append(samples[int(index[i])].group)
+        out.rows.append(row)
+        out.groups.append(samples[j].group)
         out.thoughts.append(thought[i, :n].tolist())
         out.closed.append(bool(closed[i]))
         out.behaviour_logprobs.append(logps[i, :n].clone())

@@ -103,7 +103,8 @@ class Pipeline:
         torch.distributed.send(hidden.contiguous(), dst=self.next)
 
     def recv_hidden(self, s: int, b: int) -> torch.Tensor:
-        buf = torch.empty((s, b, self.hidden_size), dtype=self.dtype)
+        buf = torch.empty((s, b, self.hidden_size), dtype=self.dtype,
+                          device=torch.cuda.current_device())
         torch.distributed.recv(buf, src=self.prev)
         return buf
 

@@ -46,7 +46,7 @@ def splitmix64(z: torch.Tensor) -> torch.Tensor:
 
 def row_keys(seed: int, iteration: int, rows: torch.Tensor, step: int) -> torch.Tensor:
     """One int64 key per (seed, iteration, global row, decode step)."""
-    base = splitmix64(torch.tensor([_i64(seed)], dtype=torch.int64))
+    base = splitmix64(torch.tensor([_i64(seed)], dtype=torch.int64, device=rows.device))
     base = splitmix64(base ^ iteration)
     k = splitmix64(base ^ rows.to(torch.int64))
     return splitmix64(k ^ step)

@@ -78,7 +78,7 @@ def main():
     results = {}
     seq_len = args.seq_length
     pp = mpu.get_pipeline_model_parallel_world_size()
-    if pp == 1:
+    if pp == 1 and not args.sequence_parallel:  # (inference needs sequence parallelism off)
         module.eval()
         batch = fixed_batch(args, 2, seq_len)
         with torch.no_grad():
