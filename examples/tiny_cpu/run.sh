@@ -8,14 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash tools/setup_env.sh
 PY=${PYTHON:-.venv/bin/python}
-source examples/tiny_hybrid/model_flags.sh   # TINY_HYBRID_FLAGS, CPU_FLAGS
+source examples/tiny_hybrid/model_flags.sh   # TINY_HYBRID_FLAGS, TINY_CPU_FLAGS, TINY_DATA_FLAGS
 OUT=${OUT:-runs/tiny_cpu_demo}
 rm -rf "$OUT"; mkdir -p "$OUT"
 export OMP_NUM_THREADS=1
 
-COMMON=("${TINY_HYBRID_FLAGS[@]}" "${CPU_FLAGS[@]}"
-  --mock-data --tokenizer-type NullTokenizer --vocab-size 128 --make-vocab-size-divisible-by 64
-  --seed 1234 --tensor-model-parallel-size 2 --micro-batch-size 2 --global-batch-size 8
+COMMON=("${TINY_HYBRID_FLAGS[@]}" "${TINY_CPU_FLAGS[@]}" "${TINY_DATA_FLAGS[@]}"
+  --tensor-model-parallel-size 2 --micro-batch-size 2 --global-batch-size 8
   --log-interval 1 --eval-iters 0 --eval-interval 100000
   --save "$OUT/ckpt" --load "$OUT/ckpt" --save-interval 1000 --ckpt-format torch_dist
   --lr-decay-style constant --rlp-metrics-file "$OUT/metrics.jsonl")
