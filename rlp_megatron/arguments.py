@@ -42,8 +42,10 @@ def add_rlp_args(parser):
                         "thoughts (rows) and must be a multiple of G.")
     g.add_argument("--rlp-thought-length", type=int, default=d.thought_length,
                    help="Maximum thought tokens (the paper's completion length).")
-    g.add_argument("--rlp-context-length", type=int, default=d.context_length,
-                   help="Maximum context tokens before the sampled position.")
+    g.add_argument("--rlp-context-length", type=int, default=None,
+                   help=f"Maximum context tokens before the sampled position (default "
+                        f"{d.context_length}, lowered to what --seq-length leaves after the "
+                        f"thought; an explicit value that does not fit is an error).")
     g.add_argument("--rlp-min-context", type=int, default=d.min_context,
                    help="Positions need at least this many same-document tokens before them.")
     g.add_argument("--rlp-temperature", type=float, default=d.temperature,
@@ -95,7 +97,7 @@ def validate_rlp_args(args) -> None:
         _fail(f"--rlp-group-size must be an integer >= 2 (got {args.rlp_group_size})")
     for flag in ("thought_length", "context_length"):
         value = getattr(args, f"rlp_{flag}")
-        if value < 1:
+        if value is not None and value < 1:
             _fail(f"--rlp-{flag.replace('_', '-')} must be >= 1 (got {value})")
     if args.rlp_min_context < 1:
         _fail(f"--rlp-min-context must be >= 1 (got {args.rlp_min_context})")
@@ -117,8 +119,19 @@ def validate_rlp_args(args) -> None:
         _fail(f"--global-batch-size ({args.global_batch_size}) must be a multiple of "
               f"--rlp-group-size ({args.rlp_group_size}): it counts thoughts (rows)")
     prompt_len = _prompt_prefix_length(args)
-    need = prompt_len + args.rlp_context_length + 1 + args.rlp_thought_length + 1 + 1
     limit = min(args.seq_length, args.max_position_embeddings)
+    if args.rlp_context_length is None:
+        # prompt + context + <think> + thought + </think> + x_t must fit in seq_length + 1 tokens.
+        room = limit - prompt_len - args.rlp_thought_length - 2
+        args.rlp_context_length = min(RLPConfig.context_length, room)
+        if args.rlp_context_length < 1:
+            _fail(f"--rlp-thought-length ({args.rlp_thought_length}) leaves no room for a context "
+                  f"in --seq-length/--max-position-embeddings ({limit})")
+        if args.rlp_context_length < RLPConfig.context_length and getattr(args, "rank", 0) == 0:
+            print(f"rlp_megatron: --rlp-context-length {args.rlp_context_length} (the most that "
+                  f"--seq-length {limit} leaves after a {args.rlp_thought_length}-token thought)",
+                  flush=True)
+    need = prompt_len + args.rlp_context_length + 1 + args.rlp_thought_length + 1 + 1
     if need - 1 > limit:
         _fail(f"--rlp-context-length ({args.rlp_context_length}) + --rlp-thought-length "
               f"({args.rlp_thought_length}) + 2 delimiters + target"

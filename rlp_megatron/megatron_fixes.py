@@ -25,6 +25,13 @@ and on any GPU install without them. megatron-core 0.19.x has three resume bugs 
    mark the parameters. (Measured: TP=2 with and without ``--sequence-parallel`` give bitwise
    equal losses for GPT and hybrid models on CPU.)
 
+5. ``MambaMixer._decode`` hands ``_ssm_decode`` a (1, batch, d) tensor where it expects
+   (batch, 1, d), so static-batching decode with batch > 1 (every RLP rollout of a hybrid model)
+   advances all rows through the SSM state of row 0 — with the CUDA kernels too. Fix: see
+   :func:`rlp_megatron.backends.mamba_torch._fix_static_batch_decode`; installed through
+   ``mamba_torch.install()``, which also routes the Mamba kernels to PyTorch when mamba-ssm /
+   causal-conv1d are missing (and keeps them when they are importable on a GPU).
+
 Set ``RLP_MEGATRON_MEGATRON_FIXES=0`` to run without them (the tests use it to show each bug).
 """
 
@@ -101,6 +108,9 @@ def install() -> None:
         return
     _INSTALLED = True
     _allow_sequence_parallel_torch_norm()
+    from rlp_megatron.backends import mamba_torch
+
+    mamba_torch.install()  # fix 5 (and kernel routing where mamba-ssm is absent)
     if not _torch_adam_without_fused_backend():
         return
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from functools import partial
@@ -49,28 +50,31 @@ from megatron.core import mpu
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.enums import ModelType
-from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
-from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
 from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+from megatron.core.utils import (
+    get_attr_wrapped_model,
+    get_batch_on_this_cp_rank,
+    get_batch_on_this_tp_rank,
+)
+from megatron.training import checkpointing as mt_checkpointing
 from megatron.training import get_args, get_timers, pretrain, print_rank_0
+from megatron.training import training as mt_training
 from megatron.training.argument_utils import (
     gpt_config_from_args,
     hybrid_config_from_args,
     pretrain_cfg_container_from_args,
 )
 from megatron.training.arguments import parse_and_validate_args
-from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
-
-from megatron.training import checkpointing as mt_checkpointing
-from megatron.training import training as mt_training
 from megatron.training.global_vars import get_tokenizer
+from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
 from rlp_megatron import arguments as rlp_arguments
 from rlp_megatron import megatron_fixes
+from rlp_megatron import teacher as teacher_lib
 from rlp_megatron.backends import cpu as cpu_backend
 from rlp_megatron.data import RLPDataset, load_prompt_tokens, resolve_think_tokens
 from rlp_megatron.step import RLPStep, StepData
-from rlp_megatron import teacher as teacher_lib
 from rlp_megatron.teacher import EMATeacher
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
@@ -219,7 +223,6 @@ class Run:
                 calculate_per_token_loss=args.calculate_per_token_loss,
                 check_nan=args.check_for_nan_in_loss_and_grad,
             )
-
         self.loaded_iteration_dir: str | None = None
 
     def objective_for(self, iteration: int) -> str:
@@ -262,8 +265,6 @@ class Run:
             return
         record = {"iteration": iteration, "objective": objective}
         record.update({k: float(v) for k, v in loss_reduced.items()})
-        import os
-
         os.makedirs(os.path.dirname(os.path.abspath(self.metrics_file)), exist_ok=True)
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -312,11 +313,10 @@ def _rlp_iteration(run: Run, orig_train_step, data_iterator, model, optimizer, s
     t3 = time.perf_counter()
     if args.rlp_dump_rollouts:
         _dump_rollout(args.rlp_dump_rollouts, iteration + 1, data)
-    totals = torch.tensor([len(rollout.rows), rollout.generated_tokens,
-                           sum(len(s.prompt) for s in samples.values())], dtype=torch.float64)
-    totals = totals.cuda()
+    totals = torch.tensor([len(rollout.rows), rollout.generated_tokens, rollout.fed_tokens,
+                           len(samples)], dtype=torch.float64).cuda()
     torch.distributed.all_reduce(totals, group=mpu.get_data_parallel_group())
-    thoughts, gen_tokens, prefill_tokens = totals.tolist()
+    thoughts, gen_tokens, fed_tokens, contexts = totals.tolist()
     data.metrics.update({
         "rlp/thoughts_per_s": thoughts / (t1 - t0),
         "rlp/gen_tokens_per_s": gen_tokens / (t1 - t0),
@@ -324,25 +324,24 @@ def _rlp_iteration(run: Run, orig_train_step, data_iterator, model, optimizer, s
         "rlp/time_score_s": t2 - t1,
         "rlp/time_update_s": t3 - t2,
     })
-    run.last_step_flops = _rlp_flops(args, gen_tokens + prefill_tokens, len(samples) * mpu.get_data_parallel_world_size())
+    run.last_step_flops = _rlp_flops(args, fed_tokens, contexts)
     return out, data.metrics
 
 
-def _rlp_flops(args, decoded_tokens: float, contexts: float) -> float:
+def _rlp_flops(args, fed_tokens: float, contexts: float) -> float:
     """FLOPs of one RLP step with Megatron's own per-sequence formula: update (fwd+bwd) and
-    scoring (fwd) over global-batch rows, the teacher forward over the contexts, and decoding
-    (one forward's worth per token fed)."""
+    scoring (fwd) over the global batch's rows, the teacher forward over the contexts (rows padded
+    to --seq-length, as computed), and the rollout's forwards (every token fed: prefills and one
+    token per row per decode step, finished rows included)."""
     per_seq_fwd = _ORIG_FLOPS(args, 1) / 3.0
     per_token_fwd = per_seq_fwd / args.seq_length
     gbs = args.global_batch_size
-    return 3 * per_seq_fwd * gbs + per_seq_fwd * gbs + per_seq_fwd * contexts + per_token_fwd * decoded_tokens
+    return (3 + 1) * per_seq_fwd * gbs + per_seq_fwd * contexts + per_token_fwd * fed_tokens
 
 
 def _dump_rollout(directory, iteration, data: StepData):
     if mpu.get_tensor_model_parallel_rank() != 0 or not mpu.is_pipeline_last_stage():
         return
-    import os
-
     os.makedirs(directory, exist_ok=True)
     r = data.rollout
     torch.save({
@@ -352,6 +351,7 @@ def _dump_rollout(directory, iteration, data: StepData):
         "targets": [data.samples[g].target for g in r.groups],
         "s_pred": data.s_pred, "s_ema": data.s_ema, "advantages": data.advantages,
         "old_logp": data.old_logp, "thought_mask": data.thought_mask,
+        "fed_tokens": r.fed_tokens,
     }, os.path.join(directory, f"iter{iteration:07d}_dp{mpu.get_data_parallel_rank()}.pt"))
 
 
@@ -449,8 +449,6 @@ def _load_checkpoint(*args, **kwargs):
     margs = get_args()
     iteration = result[0] if isinstance(result, tuple) else 0
     if _RUN is not None and margs.load and iteration > 0 and not margs.finetune:
-        import os
-
         iteration_dir = mt_checkpointing.get_checkpoint_name(margs.load, iteration,
                                                              return_base_dir=True)
         if os.path.isdir(iteration_dir):

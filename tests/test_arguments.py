@@ -49,6 +49,16 @@ def test_valid_arguments_pass_and_seed_defaults_to_megatron_seed():
     assert arguments.RLPConfig.from_args(args).group_size == 16
 
 
+def test_default_context_length_shrinks_to_fit_seq_length_but_explicit_values_do_not():
+    args = _args(rlp_context_length=None)  # seq 64, thought 16: 64 - 16 - 2 = 46 context tokens
+    arguments.validate_rlp_args(args)
+    assert args.rlp_context_length == 46
+    with pytest.raises(SystemExit, match="--rlp-context-length \\(47\\)"):
+        arguments.validate_rlp_args(_args(rlp_context_length=47))
+    with pytest.raises(SystemExit, match="--rlp-thought-length \\(62\\) leaves no room"):
+        arguments.validate_rlp_args(_args(rlp_context_length=None, rlp_thought_length=62))
+
+
 @pytest.mark.parametrize("overrides, flag", [
     (dict(rlp_group_size=1), "--rlp-group-size must be an integer >= 2"),
     (dict(rlp_thought_length=0), "--rlp-thought-length must be >= 1"),

@@ -180,11 +180,14 @@ def test_sigterm_and_resume_reproduce_the_uninterrupted_run_bitwise(tmp_path):
         for k in tensors:  # model, optimizer state, EMA
             assert torch.equal(ta[k], tb[k]), (sub, k)
 
-    # The sidecar written at TP=2 reshards: scored at TP=1 and at TP=2, S_EMA is the same.
+    # The sidecar written at TP=2 reshards: scored at TP=1, TP=2 and PP=2, S_EMA is the same.
     dump = torch.load(part / "rollouts" / "iter0000006_dp0.pt")
     _pairs_from_dump(dump, tmp_path / "pairs.pt")
     it_dir = part / "ckpt" / "iter_0000006"
     s1 = _score(1, it_dir, tmp_path / "pairs.pt", "ema", tmp_path / "s1.pt")
     s2 = _score(2, it_dir, tmp_path / "pairs.pt", "ema", tmp_path / "s2.pt",
                 "--tensor-model-parallel-size", "2")
+    s3 = _score(2, it_dir, tmp_path / "pairs.pt", "ema", tmp_path / "s3.pt",
+                "--pipeline-model-parallel-size", "2")
     assert torch.allclose(s1, s2, atol=1e-6, rtol=0), (s1, s2)
+    assert torch.allclose(s1, s3, atol=1e-6, rtol=0), (s1, s3)

@@ -19,7 +19,9 @@ RLP = ["--objective", "rlp", "--rlp-group-size", str(G), "--rlp-thought-length",
        "--rlp-context-length", "32", "--rlp-min-context", "4", "--train-iters", str(ITERS)]
 LAYOUTS = {
     "tp1": (1, []),
-    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    # TP=2 also decodes in rollout micro-batches of 2 rows (instead of all 4 at once): the
+    # thoughts must not depend on how rows are batched.
+    "tp2": (2, ["--tensor-model-parallel-size", "2", "--rlp-rollout-micro-batch-size", "2"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2", "--record-rollout-communication"]),
 }
 SLOW_LAYOUT = ("tp2pp2", 4, ["--tensor-model-parallel-size", "2",

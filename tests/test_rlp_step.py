@@ -69,15 +69,21 @@ def test_rlp_metrics_reach_tensorboard(runs):
 @pytest.mark.slow
 def test_flops_count_is_the_rlp_steps_not_ntps(runs):
     """What --log-throughput and checkpoints get for an RLP step: update (3 fwd) + scoring
-    (1 fwd) over the rows, the teacher over the contexts, and one forward per decoded token."""
+    (1 fwd) over the rows, the teacher over the contexts, and one forward per token fed to the
+    rollout (prefill once per context, then one token per row per decode step)."""
     snaps = torch.load(runs["tp1"]["dir"] / "snapshots" / "rank0.pt")
     seq_len = 64
     for (reported, one_seq_ntp), r in zip(snaps["flops"], runs["tp1"]["rollouts"]):
         fwd = one_seq_ntp / 3  # Megatron's NTP count for one sequence is fwd + 2 × bwd-ish = 3 fwd
         groups = sorted(set(r["groups"]))
         prompts = {g: p for g, p in zip(r["groups"], r["prompts"])}
-        decoded = sum(len(t) for t in r["thoughts"]) + sum(len(prompts[g]) for g in groups)
-        expected = 4 * fwd * len(r["rows"]) + fwd * len(groups) + fwd / seq_len * decoded
+        # One batch of whole groups: prefill the shortest prompt, then steps until every row is
+        # done (prompt tails are fed one token per step).
+        l_min = min(len(prompts[g]) for g in groups)
+        steps = max(len(p) + len(t) for p, t in zip(r["prompts"], r["thoughts"])) - l_min - 1
+        fed = len(groups) * l_min + len(r["rows"]) * steps
+        assert r["fed_tokens"] == fed
+        expected = 4 * fwd * len(r["rows"]) + fwd * len(groups) + fwd / seq_len * fed
         assert reported == pytest.approx(expected, rel=1e-9)
         assert reported > 3 * fwd * len(r["rows"])  # more than NTP would claim
 

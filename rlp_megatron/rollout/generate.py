@@ -52,6 +52,8 @@ class Rollout:
     thoughts: list[list[int]]  # sampled tokens, including a sampled </think>
     closed: list[bool]  # ended with a sampled </think>
     behaviour_logprobs: list[torch.Tensor]  # one per thought, len == len(thought)
+    fed_tokens: int = 0  # tokens run through the model: prefills + rows × decode steps
+
 
     @property
     def generated_tokens(self) -> int:
@@ -107,6 +109,7 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp
     ctx = inference.new_context(n_rows, l_max + cfg.thought_length + 1)
     distinct = torch.tensor([s.prompt[:l_min] for s in samples], dtype=torch.long, device=dev)
     logits = inference.forward_with_cache(model, distinct, ctx, pipeline)  # once per context
+    out.fed_tokens += distinct.numel()
     inference.replicate_cache(model, ctx, index)
     is_last = pipeline is None or pipeline.is_last
     if is_last:
@@ -148,6 +151,7 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp
         if bool(done.all()):
             break
         logits = inference.forward_with_cache(model, next_tok[:, None], ctx, pipeline)
+        out.fed_tokens += n_rows
         pos += 1
 
     thought, logps, n_tok, closed = thought.cpu(), logps.cpu(), n_tok.cpu(), closed.cpu()
