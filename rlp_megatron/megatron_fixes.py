@@ -32,6 +32,14 @@ and on any GPU install without them. megatron-core 0.19.x has three resume bugs 
    ``mamba_torch.install()``, which also routes the Mamba kernels to PyTorch when mamba-ssm /
    causal-conv1d are missing (and keeps them when they are importable on a GPU).
 
+6. Optimizer param groups are matched to the checkpoint's by an identifier that includes
+   ``max_lr``/``min_lr``/``start_wd``/``end_wd``, so relaunching with another ``--lr`` (switching an
+   NTP job to RLP's constant 1e-6) fails with "Could not find parameter group with key ..." unless
+   the Adam state is dropped; and where groups do match, the loaded ``max_lr`` wins over the
+   command line (Megatron-LM #1138). Fix, only with ``--override-opt-param-scheduler``: a saved
+   group that matches exactly one current group on every other identifier key takes the current
+   group's LR/WD bounds, so Adam moments load and the LR schedule follows the command line.
+
 Set ``RLP_MEGATRON_MEGATRON_FIXES=0`` to run without them (the tests use it to show each bug).
 """
 
@@ -101,6 +109,80 @@ def _allow_sequence_parallel_torch_norm() -> None:  # fix 4
     cls.__new__ = staticmethod(__new__)
 
 
+_SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _override_requested() -> bool:
+    try:
+        from megatron.training import get_args
+
+        return bool(get_args().override_opt_param_scheduler)
+    except Exception:  # no Megatron-LM args (library use): keep Megatron's behaviour
+        return False
+
+
+def _group_value(group: dict, key: str):
+    if key in group:
+        return group[key]
+    return group.get(f"pre_{key}")
+
+
+def align_saved_param_groups(current_groups: list[dict], saved_groups: list[dict]) -> int:
+    """Give saved groups the current groups' LR/WD bounds where they match on every other
+    identifier key (fix 6). Returns how many saved groups were re-aligned."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    structural = [k for k in param_group_identifier_keys if k not in _SCHEDULE_KEYS]
+    full = lambda g: tuple(_group_value(g, k) for k in param_group_identifier_keys)
+    struct = lambda g: tuple(_group_value(g, k) for k in structural)
+    current_full = {full(g) for g in current_groups}
+    changed = 0
+    for saved in saved_groups:
+        if full(saved) in current_full:
+            continue
+        same = [g for g in current_groups if struct(g) == struct(saved)]
+        twins = [g for g in saved_groups if struct(g) == struct(saved)]
+        if len(same) == 1 and len(twins) == 1:
+            for key in _SCHEDULE_KEYS:
+                saved.pop(f"pre_{key}", None)
+                if key in same[0]:
+                    saved[key] = same[0][key]
+                else:
+                    saved.pop(key, None)
+            changed += 1
+    return changed
+
+
+def _allow_lr_change_on_resume() -> None:  # fix 6
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    original = MegatronOptimizer._filter_and_reorder_param_groups
+    if getattr(original, "_rlp_lr_change", False):
+        return
+
+    def _filter_and_reorder_param_groups(current_groups, state_dict_groups):
+        if _override_requested():
+            align_saved_param_groups(current_groups, state_dict_groups)
+        return original(current_groups, state_dict_groups)
+
+    _filter_and_reorder_param_groups._rlp_lr_change = True
+    MegatronOptimizer._filter_and_reorder_param_groups = staticmethod(
+        _filter_and_reorder_param_groups)
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original_load = DistributedOptimizer.load_state_dict
+
+    @functools.wraps(original_load)
+    def load_state_dict(self, state_dict):
+        groups = state_dict.get("optimizer", {}).get("param_groups")
+        if groups is not None and _override_requested():
+            align_saved_param_groups(self.optimizer.param_groups, groups)
+        return original_load(self, state_dict)
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
 def install() -> None:
     """Install the fixes (idempotent; the Adam ones are no-ops when apex/TE fused Adam is used)."""
     global _INSTALLED
@@ -111,6 +193,7 @@ def install() -> None:
     from rlp_megatron.backends import mamba_torch
 
     mamba_torch.install()  # fix 5 (and kernel routing where mamba-ssm is absent)
+    _allow_lr_change_on_resume()
     if not _torch_adam_without_fused_backend():
         return
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer

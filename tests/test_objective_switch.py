@@ -44,10 +44,17 @@ def _pairs_from_dump(dump, path):
 @pytest.mark.slow
 def test_ntp_to_rlp_to_ntp_on_one_checkpoint_directory(tmp_path):
     _train(1, tmp_path, "--objective", "ntp", "--train-iters", "4", "--save-interval", "4")
+    # RLP at its own learning rate, keeping the NTP run's Adam state (--override-opt-param-scheduler
+    # is in BASE): Megatron alone refuses to match the optimizer's param groups when --lr changes.
     proc = _train(1, tmp_path, "--objective", "rlp", *RLP, "--train-iters", "6",
+                  "--lr", "1e-4", "--min-lr", "1e-4",
                   "--save-interval", "6", "--rlp-dump-rollouts", str(tmp_path / "rollouts"))
     assert "switching to RLP from the NTP checkpoint" in proc.stdout
-    _train(1, tmp_path, "--objective", "ntp", "--train-iters", "8", "--save-interval", "8")
+    lines = [l for l in proc.stdout.splitlines() if " iteration " in l and "rlp/" in l]
+    assert len(lines) == 2 and all("learning rate: 1.000000E-04" in l for l in lines)
+    back = _train(1, tmp_path, "--objective", "ntp", "--train-iters", "8", "--save-interval", "8")
+    lines = [l for l in back.stdout.splitlines() if " iteration " in l and "lm loss" in l]
+    assert len(lines) == 2 and all("learning rate: 1.000000E-03" in l for l in lines)
     metrics = read_jsonl(tmp_path / "metrics.jsonl")
     assert [(m["iteration"], m["objective"]) for m in metrics] == [
         (1, "ntp"), (2, "ntp"), (3, "ntp"), (4, "ntp"), (5, "rlp"), (6, "rlp"), (7, "ntp"), (8, "ntp")]
