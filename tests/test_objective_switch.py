@@ -1,7 +1,6 @@
 """Switching objectives on one checkpoint directory; the EMA teacher in the checkpoint; exact
 resume after preemption; NTP/RLP interleave. Tiny GPT, CPU, torchrun."""
 
-import json
 import os
 import signal
 import subprocess

@@ -7,7 +7,6 @@ equal teacher forcing; the EMA after two steps equals its closed form; the itera
 the rlp/* fields.
 """
 
-import json
 
 import pytest
 import torch

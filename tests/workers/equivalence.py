@@ -17,17 +17,12 @@ import rlp_megatron  # noqa: F401  (CPU backend)
 import torch
 from megatron.core import dist_checkpointing, mpu, tensor_parallel
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.rerun_state_machine import RerunDataIterator, get_rerun_state_machine
 from megatron.core.utils import get_model_config
-from megatron.training import get_args
-from megatron.training.argument_utils import pretrain_cfg_container_from_args
-from megatron.training.initialize import initialize_megatron
-from megatron.training.training import setup_model_and_optimizer
 
-from rlp_megatron import megatron_fixes, train
+from megatron_setup import build_model
+from rlp_megatron import train
 from rlp_megatron.rollout import inference as kv_decode
 
 
@@ -58,15 +53,7 @@ def save(sharded_state_dict, path: Path):
 def main():
     out_dir, mode, *flags = sys.argv[1:]
     out = Path(out_dir)
-    train.parse_args(flags)
-    megatron_fixes.install()
-    initialize_megatron()
-    args = get_args()
-    cfg = pretrain_cfg_container_from_args(args, train.model_config_from_args(args))
-    model, _, _ = setup_model_and_optimizer(
-        ModelType.encoder_or_decoder, cfg_container=cfg,
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-    )
+    args, model = build_model(flags)
     module = model[0].module  # inside DDP
     if mode == "reference":
         save(module.sharded_state_dict(), out / "model")

@@ -12,28 +12,16 @@ import sys
 import rlp_megatron  # noqa: F401
 import torch
 from megatron.core import dist_checkpointing, mpu
-from megatron.core.enums import ModelType
-from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.training import get_args
-from megatron.training.argument_utils import pretrain_cfg_container_from_args
-from megatron.training.initialize import initialize_megatron
-from megatron.training.training import setup_model_and_optimizer
 
-from rlp_megatron import megatron_fixes, teacher, train
+from megatron_setup import build_model
+from rlp_megatron import teacher
 from rlp_megatron.data import layout_rows
 from rlp_megatron.step import _forward_only, _micro_batches, _score_forward_step
 
 
 def main():
     iter_dir, pairs_path, out_path, which, *flags = sys.argv[1:]
-    train.parse_args(flags)
-    megatron_fixes.install()
-    initialize_megatron()
-    args = get_args()
-    cfg = pretrain_cfg_container_from_args(args, train.model_config_from_args(args))
-    model, _, _ = setup_model_and_optimizer(
-        ModelType.encoder_or_decoder, cfg_container=cfg,
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    args, model = build_model(flags)
     module = model[0].module
     state = dist_checkpointing.load({"model": module.sharded_state_dict()}, iter_dir)
     module.load_state_dict(state["model"])
