@@ -153,9 +153,13 @@ def sidecar_path(iteration_dir) -> str:
     return os.path.join(str(iteration_dir), SIDECAR_DIR)
 
 
-def save_sidecar(teacher: EMATeacher, iteration_dir, iteration: int, sharded_strategy=None) -> None:
-    """Write φ to ``iteration_dir/rlp_ema`` (collective over all ranks), then the marker."""
-    import json
+def save_sidecar(teacher: EMATeacher, iteration_dir, iteration: int, sharded_strategy=None,
+                 async_save: bool = False, async_strategy: str = "mcore") -> None:
+    """Write φ to ``iteration_dir/rlp_ema`` (collective over all ranks), then the marker.
+
+    With ``async_save`` the write is scheduled on Megatron's async checkpoint queue *before* the
+    main checkpoint's request, and the marker is a finalize step of it: the queue finalizes in
+    order, so the marker always precedes the tracker update of the same iteration."""
     import os
     import shutil
 
@@ -171,14 +175,33 @@ def save_sidecar(teacher: EMATeacher, iteration_dir, iteration: int, sharded_str
     sd, _ = ema_sharded_state_dict(teacher.model_chunks, teacher.ema)
     sd["rlp_ema_meta"] = {"decay": teacher.decay, "num_updates": teacher.num_updates,
                           "iteration": iteration}
+    marker = {"iteration": iteration, "tensors": len(teacher.ema)}
+    if async_save:
+        from megatron.training.async_utils import schedule_async_save
+
+        request = dist_checkpointing.save(sd, path, sharded_strategy=sharded_strategy,
+                                          async_sharded_save=True, async_strategy=async_strategy)
+        request.add_finalize_fn(lambda: _write_marker(path, marker))
+        schedule_async_save(request)
+        return
     dist_checkpointing.save(sd, path, sharded_strategy=sharded_strategy)
-    if os.environ.get(FAIL_AFTER_WRITE_ENV) == str(iteration):
-        raise SystemExit(f"{FAIL_AFTER_WRITE_ENV}: simulated crash after writing {path}")
     dist.barrier()
+    _write_marker(path, marker)
+    dist.barrier()
+
+
+def _write_marker(path, marker: dict) -> None:
+    """Rank 0, after every rank's data is on disk (sync: barrier; async: finalize step)."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    if os.environ.get(FAIL_AFTER_WRITE_ENV) == str(marker["iteration"]):
+        raise SystemExit(f"{FAIL_AFTER_WRITE_ENV}: simulated crash after writing {path}")
     if dist.get_rank() == 0:
         with open(os.path.join(path, SIDECAR_MARKER), "w") as f:
-            json.dump({"iteration": iteration, "tensors": len(teacher.ema)}, f)
-    dist.barrier()
+            json.dump(marker, f)
 
 
 def sidecar_state(iteration_dir) -> str:

@@ -424,12 +424,15 @@ def _save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **
     if teacher is not None and margs.save and persistent and margs.ckpt_format == "torch_dist":
         iteration_dir = mt_checkpointing.get_checkpoint_name(margs.save, iteration,
                                                              return_base_dir=True)
-        teacher_lib.save_sidecar(teacher, iteration_dir, iteration, _sidecar_strategy(margs))
+        teacher_lib.save_sidecar(teacher, iteration_dir, iteration, _sidecar_strategy(margs),
+                                 async_save=margs.async_save,
+                                 async_strategy=getattr(margs, "async_strategy", "mcore"))
     return _ORIG_SAVE_CHECKPOINT(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs)
 
 
 def _sidecar_strategy(args):
-    """The main checkpoint's save options (torch_dist, fully parallel over DP when asked)."""
+    """The main checkpoint's save options (torch_dist, fully parallel over DP when asked; async
+    is passed separately)."""
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper,
     )

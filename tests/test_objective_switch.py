@@ -140,8 +140,9 @@ def _run_until_sigterm(out, after_iterations, flags):
 def test_sigterm_and_resume_reproduce_the_uninterrupted_run_bitwise(tmp_path):
     from megatron.core import dist_checkpointing
 
+    # --async-save: the EMA sidecar goes through Megatron's async checkpoint queue too.
     flags = ["--objective", "rlp", *RLP, "--train-iters", "6", "--tensor-model-parallel-size",
-             "2", "--exit-signal-handler", "--save-interval", "1000"]
+             "2", "--exit-signal-handler", "--save-interval", "1000", "--async-save"]
 
     def run_flags(d):
         return [*flags, "--save", str(d / "ckpt"), "--load", str(d / "ckpt"),
