@@ -49,27 +49,38 @@ class ThinkTokens:
 
 def resolve_think_tokens(tokenizer, spec: list[str] | None) -> ThinkTokens:
     """Ids of the two delimiters; raises ValueError naming ``--rlp-think-tokens`` if either is not
-    a single token. NullTokenizer (mock data) reserves the two ids below end-of-document."""
-    if type(tokenizer).__name__ == "NullTokenizer" or _is_null_tokenizer(tokenizer):
-        if spec is None:
-            eod = int(tokenizer.eod)
-            return ThinkTokens(open=eod - 2, close=eod - 1)
-    spec = spec or ["<think>", "</think>"]
-    ids = []
-    for text in spec:
-        try:
-            toks = list(tokenizer.tokenize(text))
-        except Exception as exc:  # tokenizers raise all sorts of things on unknown input
-            raise ValueError(f"--rlp-think-tokens: cannot tokenize {text!r}: {exc}") from exc
-        if len(toks) != 1:
-            raise ValueError(
-                f"--rlp-think-tokens: {text!r} is {len(toks)} tokens {toks} for this tokenizer; "
-                f"each delimiter must be exactly one token (add it as a special token or name "
-                f"another one)")
-        ids.append(int(toks[0]))
+    one token of the tokenizer (a vocabulary entry, e.g. an added special token, or text that
+    tokenizes to exactly one id). NullTokenizer (mock data) reserves the two ids below eod."""
+    if spec is None and (type(tokenizer).__name__ == "NullTokenizer"
+                         or _is_null_tokenizer(tokenizer)):
+        eod = int(tokenizer.eod)
+        return ThinkTokens(open=eod - 2, close=eod - 1)
+    ids = [_single_token_id(tokenizer, text) for text in (spec or ["<think>", "</think>"])]
     if ids[0] == ids[1]:
         raise ValueError("--rlp-think-tokens: the two delimiters map to the same id")
     return ThinkTokens(open=ids[0], close=ids[1])
+
+
+def _single_token_id(tokenizer, text: str) -> int:
+    try:
+        vocab = tokenizer.vocab
+    except Exception:  # tokenizers without a vocabulary view
+        vocab = None
+    if isinstance(vocab, dict) and text in vocab:  # HuggingFace-style {token: id}
+        return int(vocab[text])
+    if isinstance(vocab, (list, tuple)) and text in vocab:  # SentencePiece-style [piece by id]
+        return vocab.index(text)
+    encode = getattr(tokenizer, "tokenize", None) or getattr(tokenizer, "text_to_ids")
+    try:
+        toks = list(encode(text))
+    except Exception as exc:  # tokenizers raise all sorts of things on unknown input
+        raise ValueError(f"--rlp-think-tokens: cannot tokenize {text!r}: {exc}") from exc
+    if len(toks) != 1:
+        raise ValueError(
+            f"--rlp-think-tokens: {text!r} is {len(toks)} tokens {toks} for this tokenizer; "
+            f"each delimiter must be exactly one token (add it as a special token or name "
+            f"another one)")
+    return int(toks[0])
 
 
 def _is_null_tokenizer(tokenizer) -> bool:

@@ -83,12 +83,14 @@ def test_rlp_dataset_groups_read_their_first_window():
 
 
 class _Tok:
-    def __init__(self, vocab):
-        self.vocab = vocab
+    """Tokenizes by table; no vocabulary view (so only tokenize() can answer)."""
+
+    def __init__(self, table):
+        self.table = table
         self.eod = 0
 
     def tokenize(self, text):
-        return self.vocab[text]
+        return self.table[text]
 
 
 def test_think_tokens_must_be_single_tokens():
@@ -98,3 +100,24 @@ def test_think_tokens_must_be_single_tokens():
         resolve_think_tokens(tok, ["<t>", "</think>"])
     with pytest.raises(ValueError, match="same id"):
         resolve_think_tokens(tok, ["<think>", "<think>"])
+
+
+def test_think_tokens_from_a_real_sentencepiece_tokenizer(tmp_path):
+    """A vocabulary entry counts even where tokenize() would add SentencePiece's '▁' piece."""
+    import sys
+
+    sys.path.insert(0, str(__import__("harness").REPO / "tools"))
+    import make_tiny_corpus
+    from megatron.core.tokenizers.text.libraries.sentencepiece_tokenizer import (
+        SentencePieceTokenizer)
+
+    docs = make_tiny_corpus.documents()[:300]
+    with_think = make_tiny_corpus.train_tokenizer(docs, tmp_path, 300, think_tokens=True)
+    tok = SentencePieceTokenizer(str(with_think))
+    assert len(tok.text_to_ids("<think>")) == 2  # '▁' + '<think>'
+    think = resolve_think_tokens(tok, None)
+    assert tok.ids_to_tokens([think.open, think.close]) == ["<think>", "</think>"]
+    (tmp_path / "plain").mkdir()
+    plain = make_tiny_corpus.train_tokenizer(docs, tmp_path / "plain", 300, think_tokens=False)
+    with pytest.raises(ValueError, match="--rlp-think-tokens: '<think>' is [0-9]+ tokens"):
+        resolve_think_tokens(SentencePieceTokenizer(str(plain)), None)
