@@ -11,7 +11,7 @@ import torch
 from harness import CPU_FLAGS, REPO, TRAIN_FLAGS, torchrun
 
 GPT = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-       "--seq-length", "64", "--max-position-embeddings", "64", "--position-embedding-type",
+       "--seq-length", "256", "--max-position-embeddings", "256", "--position-embedding-type",
        "rope", "--untie-embeddings-and-output-weights", "--normalization", "RMSNorm", "--swiglu",
        "--make-vocab-size-divisible-by", "64", "--seed", "1234", *CPU_FLAGS]
 RLP = ["--objective", "rlp", "--rlp-group-size", "4", "--rlp-thought-length", "8",
@@ -34,22 +34,27 @@ def _data_flags(corpus):
 
 @pytest.mark.slow
 def test_rlp_positions_come_from_single_real_documents(corpus, tmp_path):
+    """With the paper's v2 instruction prompt prepended (--rlp-prompt-file)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    prompt_file = REPO / "examples" / "prompts" / "rlp_v2_prompt.txt"
     torchrun(1, ["-m", "rlp_megatron.train", *GPT, *TRAIN_FLAGS, *_data_flags(corpus), *RLP,
+                 "--rlp-prompt-file", str(prompt_file),
                  "--rlp-dump-rollouts", str(tmp_path / "rollouts"),
                  "--rlp-metrics-file", str(tmp_path / "metrics.jsonl")])
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(corpus / "tokenizer.model"))
     think, close, eod = sp.piece_to_id("<think>"), sp.piece_to_id("</think>"), sp.eos_id()
+    instruction = sp.encode(prompt_file.read_text())
     docs = IndexedDataset(str(corpus / "corpus_text_document"))
     joined = [np.asarray(docs[i]) for i in range(len(docs))]
     for it in (1, 2):
         r = torch.load(tmp_path / "rollouts" / f"iter{it:07d}_dp0.pt")
         for prompt, target, thought, closed in zip(r["prompts"], r["targets"], r["thoughts"],
                                                    r["closed"]):
-            context = prompt[:-1]
+            assert prompt[: len(instruction)] == instruction
+            context = prompt[len(instruction):-1]
             assert prompt[-1] == think and len(context) >= 16
             assert eod not in context and target != eod
             needle = np.array(context + [target])
