@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 
+from rlp_megatron.objective import RLPObjectiveConfig
+
+_OBJECTIVE = RLPObjectiveConfig()
+
 
 @dataclasses.dataclass(frozen=True)
 class RLPConfig:
-    """The RLP hyper-parameters; defaults are the paper's (rlp_spec §1.8)."""
+    """The RLP hyper-parameters; defaults are the paper's (rlp_spec §1.8). The objective's own
+    four (and their validation) are :class:`rlp_megatron.objective.RLPObjectiveConfig`'s."""
 
-    group_size: int = 16
+    group_size: int = _OBJECTIVE.group_size
     thought_length: int = 2048
     context_length: int = 2048
     min_context: int = 32
     temperature: float = 0.7
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    ema_decay: float = 0.999
+    clip_eps_low: float = _OBJECTIVE.clip_eps_low
+    clip_eps_high: float = _OBJECTIVE.clip_eps_high
+    ema_decay: float = _OBJECTIVE.ema_decay
     unclosed: str = "score"
     rollout_micro_batch_size: int = 0
     seed: int = 1234
@@ -93,8 +98,12 @@ def validate_rlp_args(args) -> None:
     """Startup checks (before the model exists); exits with one line naming the flag."""
     if args.rlp_seed is None:
         args.rlp_seed = args.seed
-    if args.rlp_group_size < 2:
-        _fail(f"--rlp-group-size must be an integer >= 2 (got {args.rlp_group_size})")
+    try:
+        RLPObjectiveConfig(group_size=args.rlp_group_size, clip_eps_low=args.rlp_clip_eps_low,
+                           clip_eps_high=args.rlp_clip_eps_high,
+                           ema_decay=args.rlp_ema_decay).validate()
+    except ValueError as exc:
+        _fail(str(exc))
     for flag in ("thought_length", "context_length"):
         value = getattr(args, f"rlp_{flag}")
         if value is not None and value < 1:
@@ -103,12 +112,6 @@ def validate_rlp_args(args) -> None:
         _fail(f"--rlp-min-context must be >= 1 (got {args.rlp_min_context})")
     if not args.rlp_temperature > 0:
         _fail(f"--rlp-temperature must be > 0 (got {args.rlp_temperature})")
-    if not 0 <= args.rlp_clip_eps_low < 1:
-        _fail(f"--rlp-clip-eps-low must be in [0, 1) (got {args.rlp_clip_eps_low})")
-    if not args.rlp_clip_eps_high >= 0:
-        _fail(f"--rlp-clip-eps-high must be >= 0 (got {args.rlp_clip_eps_high})")
-    if not 0 <= args.rlp_ema_decay <= 1:
-        _fail(f"--rlp-ema-decay must be in [0, 1] (got {args.rlp_ema_decay})")
     if args.rlp_ntp_every < 0 or args.rlp_ntp_every == 1:
         _fail(f"--rlp-ntp-every must be 0 (off) or >= 2 (got {args.rlp_ntp_every})")
     if args.rlp_rollout_micro_batch_size < 0:

@@ -411,5 +411,6 @@ def test_config_validate_names_the_flag(field, value, flag):
 
 
 def test_config_accepts_boundary_values():
-    RLPObjectiveConfig(group_size=2, clip_eps_low=0.0, clip_eps_high=0.0, ema_decay=0.0).validate()
-    RLPObjectiveConfig(clip_eps_low=0.99, clip_eps_high=10.0, ema_decay=1.0).validate()
+    for cfg in (RLPObjectiveConfig(group_size=2, clip_eps_low=0.0, clip_eps_high=0.0, ema_decay=0.0),
+                RLPObjectiveConfig(clip_eps_low=0.99, clip_eps_high=10.0, ema_decay=1.0)):
+        assert cfg.validate() is cfg

@@ -121,35 +121,29 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp
     closed = torch.zeros(n_rows, dtype=torch.bool, device=dev)
     done = torch.zeros(n_rows, dtype=torch.bool, device=dev)
     pos = l_min  # position predicted by `logits`
-    all_rows = torch.arange(n_rows, device=dev)
+    pad = torch.full((n_rows,), cfg.pad_id, dtype=torch.long, device=dev)
     while True:
+        # Fixed-shape masked updates: the only host sync per step is the `done` check below.
         sampling_rows = (pos >= lengths) & ~done
-        next_tok = torch.full((n_rows,), cfg.pad_id, dtype=torch.long, device=dev)
-        in_prompt = pos < lengths
-        if bool(in_prompt.any()):
-            next_tok[in_prompt] = prompts[in_prompt, pos]
-        if sampling_rows.any():
-            if is_last:
-                # Noise keyed by the thought position u, not the absolute position.
-                keys = sampling.row_keys(cfg.seed, iteration, rows, 0)
-                keys = sampling.splitmix64(keys ^ n_tok)
-                tok = sampling.gumbel_max_sample(logits, keys, cfg.temperature, vocab_start,
-                                                 tp_group)
-                lp = inference.token_logprobs(logits, tok, cfg.temperature)
-            else:
-                tok = torch.zeros(n_rows, dtype=torch.long, device=dev)
-                lp = torch.zeros(n_rows, device=dev)
-            if pipeline is not None:
-                tok = pipeline.broadcast_tokens(tok)
-            sel = all_rows[sampling_rows]
-            thought[sel, n_tok[sel]] = tok[sel]
-            logps[sel, n_tok[sel]] = lp[sel]
-            n_tok[sel] += 1
-            closed[sel] |= tok[sel] == cfg.think.close
-            done |= closed | (n_tok >= cfg.thought_length)
-            next_tok[sel] = tok[sel]
+        if is_last:
+            # Noise keyed by the thought position u, not the absolute position.
+            keys = sampling.splitmix64(sampling.row_keys(cfg.seed, iteration, rows, 0) ^ n_tok)
+            tok = sampling.gumbel_max_sample(logits, keys, cfg.temperature, vocab_start, tp_group)
+            lp = inference.token_logprobs(logits, tok, cfg.temperature)
+        else:
+            tok, lp = torch.zeros_like(pad), torch.zeros(n_rows, device=dev)
+        if pipeline is not None:
+            tok = pipeline.broadcast_tokens(tok)
+        u = n_tok.clamp(max=cfg.thought_length - 1)[:, None]
+        thought.scatter_(1, u, torch.where(sampling_rows, tok, thought.gather(1, u)[:, 0])[:, None])
+        logps.scatter_(1, u, torch.where(sampling_rows, lp, logps.gather(1, u)[:, 0])[:, None])
+        n_tok += sampling_rows.long()
+        closed |= sampling_rows & (tok == cfg.think.close)
+        done |= closed | (n_tok >= cfg.thought_length)
         if bool(done.all()):
             break
+        prompt_tok = prompts[:, pos] if pos < l_max else pad
+        next_tok = torch.where(sampling_rows, tok, torch.where(pos < lengths, prompt_tok, pad))
         logits = inference.forward_with_cache(model, next_tok[:, None], ctx, pipeline)
         out.fed_tokens += n_rows
         pos += 1
