@@ -150,6 +150,12 @@ def validate_rlp_args(args) -> None:
         _fail("virtual pipeline stages (--num-layers-per-virtual-pipeline-stage) are not "
               "supported with --objective rlp")
     _check_think_tokens(args)
+    dropout = (getattr(args, "hidden_dropout", 0.0), getattr(args, "attention_dropout", 0.0))
+    if max(dropout) > 0 and getattr(args, "rank", 0) == 0:
+        print(f"rlp_megatron: WARNING: --hidden-dropout {dropout[0]} / "
+              f"--attention-dropout {dropout[1]}: the scoring and update forwards "
+              f"draw different dropout masks, so the PPO ratio is not exactly 1 on-policy; RLP "
+              f"is normally run with dropout 0", flush=True)
 
 
 def _tokenizer(args):
