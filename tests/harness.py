@@ -78,5 +78,18 @@ def torchrun(nproc: int, target: list[str], *, timeout: int = 600, env: dict | N
     return proc
 
 
+def decode_vs_teacher_forcing(rollout: dict):
+    """|decode-time − teacher-forced log-prob| of every thought token of a dumped rollout (the
+    quantity rlp/logprob_mismatch logs), as one flat tensor."""
+    import torch
+
+    diffs = []
+    for i, behaviour in enumerate(rollout["behaviour_logprobs"]):
+        tf = rollout["old_logp"][i][rollout["thought_mask"][i] > 0]
+        assert tf.shape == behaviour.shape
+        diffs.append((behaviour - tf).abs())
+    return torch.cat(diffs)
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from harness import TINY_HYBRID, TRAIN_FLAGS, free_port, read_jsonl, torchrun
+from harness import (TINY_HYBRID, TRAIN_FLAGS, decode_vs_teacher_forcing, free_port, read_jsonl,
+                     torchrun)
 
 G, ITERS = 4, 3
 RLP = ["--objective", "rlp", "--rlp-group-size", str(G), "--rlp-thought-length", "16",
@@ -108,11 +109,7 @@ def test_parameters_really_moved(runs, root):
 def test_hybrid_decode_logprobs_match_teacher_forcing(runs, layout):
     worst = 0.0
     for r, m in zip(runs[layout]["rollouts"], runs[layout]["metrics"]):
-        diffs = []
-        for i, behaviour in enumerate(r["behaviour_logprobs"]):
-            tf = r["old_logp"][i][r["thought_mask"][i] > 0]
-            diffs.append((behaviour - tf).abs())
-        d = torch.cat(diffs)
+        d = decode_vs_teacher_forcing(r)
         worst = max(worst, d.max().item())
         # rlp/logprob_mismatch is exactly this independent recomputation.
         assert m["rlp/logprob_mismatch"] == pytest.approx(d.mean().item(), abs=1e-9)
