@@ -140,6 +140,8 @@ def validate_rlp_args(args) -> None:
               f"({args.rlp_thought_length}) + 2 delimiters + target"
               f"{f' + {prompt_len} prompt tokens' if prompt_len else ''} = {need - 1} exceeds "
               f"--seq-length/--max-position-embeddings ({limit}); lower them or raise --seq-length")
+    _check_groups_stay_whole(args)
+    _check_unsupported_features(args)
     for flag, name in (("context_parallel_size", "--context-parallel-size"),):
         if getattr(args, flag, 1) > 1:
             _fail(f"{name} > 1 is not supported with --objective rlp")
@@ -156,6 +158,47 @@ def validate_rlp_args(args) -> None:
               f"--attention-dropout {dropout[1]}: the scoring and update forwards "
               f"draw different dropout masks, so the PPO ratio is not exactly 1 on-policy; RLP "
               f"is normally run with dropout 0", flush=True)
+
+
+def _check_groups_stay_whole(args) -> None:
+    """Every group must be G consecutive sample indices inside one step (rlp_megatron.data).
+    The step's rows are [consumed, consumed + global batch) of a sequential sampler; a start that
+    is not a multiple of G is aligned when the checkpoint is loaded (train.align_consumed_samples);
+    what no alignment can fix is refused here."""
+    G = args.rlp_group_size
+    if getattr(args, "dataloader_type", None) in ("cyclic", "external"):
+        _fail(f"--dataloader-type {args.dataloader_type} is not supported with --objective rlp: "
+              f"a group is {G} consecutive samples of one step, which only the sequential "
+              f"('single') sampler keeps together")
+    rampup = getattr(args, "rampup_batch_size", None)
+    if rampup:
+        start, increment = int(rampup[0]), int(rampup[1])
+        if start % G or increment % G:
+            _fail(f"--rampup-batch-size {' '.join(map(str, rampup))}: the start batch size and "
+                  f"the increment must be multiples of --rlp-group-size ({G}) so that no "
+                  f"group is split between steps")
+
+
+def _check_unsupported_features(args) -> None:
+    """What the RLP step cannot honour today fails here, not in the middle of the first step."""
+    impl = getattr(args, "cuda_graph_impl", "none")
+    if impl not in (None, "none"):
+        _fail(f"--cuda-graph-impl {impl} is not supported with --objective rlp: rollouts decode "
+              f"through Megatron's static inference path, which raises at the first decode step "
+              f"under CUDA graphs; use --cuda-graph-impl none")
+    if getattr(args, "fp8", None) or getattr(args, "fp4", None):
+        flag = "--fp8-format" if getattr(args, "fp8", None) else "--fp4-format"
+        _fail(f"{flag} is not supported with --objective rlp: the rollout prefill feeds token "
+              f"counts that are not multiples of 16, and the scoring and teacher forwards would "
+              f"update the FP8 amax statistics; train RLP in bf16")
+    if getattr(args, "expert_model_parallel_size", 1) > 1:
+        _fail(f"--expert-model-parallel-size {args.expert_model_parallel_size} is not supported "
+              f"with --objective rlp: data-parallel ranks run different numbers of rollout and "
+              f"teacher forwards and would deadlock in the experts' all-to-all; use 1")
+    if getattr(args, "defer_embedding_wgrad_compute", False):
+        _fail("--defer-embedding-wgrad-compute is not supported with --objective rlp: RLP "
+              "computes the output layer in fp32 (exact rewards under bf16), outside the "
+              "deferred bf16 weight-gradient buffers")
 
 
 def _tokenizer(args):

@@ -12,7 +12,8 @@ group, t is uniform over the positions of the window whose target x_t is not an 
 token and that have at least ``--rlp-min-context`` tokens of the same document before them; the
 context is the last ≤ ``--rlp-context-length`` tokens of that document before t (it never crosses
 an end-of-document token). If no position qualifies, the one with the longest same-document
-context is used. The draw is a pure function of (seed, group index), hence independent of the
+context is used; a context is never empty (a target that starts a document is conditioned on the
+end-of-document token before it, as NTP conditions it). The draw is a pure function of (seed, group index), hence independent of the
 parallel layout and reproducible on resume without saving RNG state.
 
 Row layout (what the model sees; ``[p]`` = optional ``--rlp-prompt-file`` instruction tokens):
@@ -126,7 +127,9 @@ def sample_position(window: np.ndarray, eod: int, min_context: int, context_leng
             candidates = t_all
         t = int(candidates[np.argmax(candidates - starts[candidates])])
     start = max(int(starts[t]), t - context_length)
-    return t, start
+    # A target at the start of a document (a window with no usable position) still gets one
+    # token of context: the end-of-document token before it, as NTP conditions it.
+    return t, min(start, t - 1)
 
 
 @dataclasses.dataclass
@@ -194,6 +197,8 @@ def layout_rows(prompts: list[list[int]], thoughts: list[list[int]], closed: lis
     thought_mask = torch.zeros((n, seq_length), dtype=torch.float)
     target_pos = torch.zeros(n, dtype=torch.long)
     for i in range(n):
+        if not prompts[i]:
+            raise ValueError("empty prompt: every row needs at least one token before its target")
         seq = [*prompts[i], *thoughts[i]]
         if not closed[i]:
             seq.append(think_close)

@@ -40,7 +40,13 @@ and on any GPU install without them. megatron-core 0.19.x has three resume bugs 
    group that matches exactly one current group on every other identifier key takes the current
    group's LR/WD bounds, so Adam moments load and the LR schedule follows the command line.
 
-Set ``RLP_MEGATRON_MEGATRON_FIXES=0`` to run without them (the tests use it to show each bug).
+7. ``initialize_megatron`` runs ``make -C megatron/core/datasets`` on rank 0 to build the dataset
+   index helpers. The megatron-core wheel ships them compiled (``helpers_cpp*.so``) but without
+   the Makefile, so on any device a pip install exits before training ("Failed to compile the
+   C++ dataset helper functions"). Fix: use the shipped extension when it imports; compile (as
+   Megatron does) only when it does not, e.g. in a source checkout.
+
+Set ``RLP_MEGATRON_MEGATRON_FIXES=0`` to run without fixes 1-6 (the tests use it to show each bug).
 """
 
 from __future__ import annotations
@@ -183,9 +189,27 @@ def _allow_lr_change_on_resume() -> None:  # fix 6
     DistributedOptimizer.load_state_dict = load_state_dict
 
 
+def _use_shipped_dataset_helpers() -> None:  # fix 7
+    from megatron.core.datasets import utils as ds_utils
+
+    if getattr(ds_utils.compile_helpers, "_rlp_fix", False):
+        return
+    orig_compile = ds_utils.compile_helpers
+
+    def compile_helpers():
+        try:
+            from megatron.core.datasets import helpers_cpp  # noqa: F401
+        except ImportError:
+            return orig_compile()
+
+    compile_helpers._rlp_fix = True
+    ds_utils.compile_helpers = compile_helpers
+
+
 def install() -> None:
     """Install the fixes (idempotent; the Adam ones are no-ops when apex/TE fused Adam is used)."""
     global _INSTALLED
+    _use_shipped_dataset_helpers()  # fix 7: without it nothing starts, so never switched off
     if _INSTALLED or os.environ.get("RLP_MEGATRON_MEGATRON_FIXES", "1") == "0":
         return
     _INSTALLED = True

@@ -32,8 +32,8 @@ from megatron.core.rerun_state_machine import RerunDataIterator
 from rlp_megatron import objective
 from rlp_megatron.arguments import RLPConfig
 from rlp_megatron.data import RLPSample, ThinkTokens, build_sample, layout_rows
+from rlp_megatron.logprobs import VocabShard, token_logprobs, vocab_shard
 from rlp_megatron.rollout import generate as rollout_lib
-from rlp_megatron.rollout.inference import token_logprobs
 from rlp_megatron.teacher import EMATeacher
 
 
@@ -58,8 +58,9 @@ class StepData:
 class RLPStep:
     def __init__(self, cfg: RLPConfig, think: ThinkTokens, prompt_prefix: list[int], eod: int,
                  seq_length: int, micro_batch_size: int, calculate_per_token_loss: bool,
-                 check_nan: bool = True):
+                 vocab_size: int, check_nan: bool = True):
         self.cfg = cfg
+        self.vocab_size = vocab_size  # the tokenizer's; Megatron's padded ids are never used
         self.think = think
         self.prompt_prefix = prompt_prefix
         self.eod = eod
@@ -70,6 +71,14 @@ class RLPStep:
         self.teacher: EMATeacher | None = None
         self._current: StepData | None = None
         self._loss_scale = 1.0
+        self._vocab: VocabShard | None = None
+
+    def vocab(self, model) -> VocabShard | None:
+        """This rank's vocabulary shard (last pipeline stage; None elsewhere)."""
+        if self._vocab is None:
+            self._vocab = vocab_shard(model[0], mpu.get_tensor_model_parallel_rank(),
+                                      self.vocab_size)
+        return self._vocab
 
     # -----------------------------------------------------------------------------------------
     # Phase 1: rows and positions
@@ -104,10 +113,6 @@ class RLPStep:
 
     def rollout(self, model, work, iteration: int) -> rollout_lib.Rollout:
         chunk = model[0]
-        output_layer = _output_layer(chunk)
-        vocab_start = 0
-        if output_layer is not None:
-            vocab_start = mpu.get_tensor_model_parallel_rank() * output_layer.weight.shape[0]
         cfg = rollout_lib.RolloutConfig(
             thought_length=self.cfg.thought_length, temperature=self.cfg.temperature,
             seed=self.cfg.seed, think=self.think,
@@ -116,7 +121,7 @@ class RLPStep:
         if mpu.get_pipeline_model_parallel_world_size() > 1:
             config = chunk.config if hasattr(chunk, "config") else chunk.module.config
             pipeline = rollout_lib.inference.Pipeline(config.hidden_size, config.params_dtype)
-        return rollout_lib.generate(chunk, work, cfg, iteration, vocab_start,
+        return rollout_lib.generate(chunk, work, cfg, iteration, self.vocab(model),
                                     tp_group=mpu.get_tensor_model_parallel_group(),
                                     pipeline=pipeline)
 
@@ -138,7 +143,8 @@ class RLPStep:
         out = _forward_only(model, _micro_batches(
             dict(tokens=data.tokens, position_ids=data.position_ids, labels=data.labels,
                  target_pos=data.target_pos), self.micro_batch_size),
-            partial(_score_forward_step, temperature=self.cfg.temperature), self.seq_length,
+            partial(_score_forward_step, temperature=self.cfg.temperature,
+                    vocab=self.vocab(model)), self.seq_length,
             self.micro_batch_size)
         if out is not None:
             data.old_logp = torch.cat([o["logp"] for o in out]).cpu() * data.thought_mask
@@ -160,7 +166,8 @@ class RLPStep:
                  for k, v in batch.items()}
         with self.teacher.swapped_in():
             out = _forward_only(model, _micro_batches(batch, mbs),
-                                partial(_score_forward_step, temperature=1.0, need_logp=False),
+                                partial(_score_forward_step, temperature=1.0, need_logp=False,
+                                        vocab=self.vocab(model)),
                                 self.seq_length, mbs)
         if out is not None:
             s_ema_group = torch.cat([o["s_target"] for o in out]).cpu()[: len(groups)]
@@ -177,10 +184,11 @@ class RLPStep:
         closed = torch.tensor(r.closed, dtype=torch.bool)
         lengths = torch.tensor([len(t) for t in r.thoughts], dtype=torch.float64)
         local = torch.stack([rows.double(), data.s_pred.cpu().double(), data.s_ema.double(),
-                             closed.double(), lengths], dim=1)
-        world = _all_gather_rows(local.cuda(), dp).cpu()  # [global rows, 5]
+                             closed.double(), lengths, torch.tensor(r.groups).double()], dim=1)
+        world = _all_gather_rows(local.cuda(), dp).cpu()  # [global rows, 6]
         world = world[torch.argsort(world[:, 0])]
         G = self.cfg.group_size
+        _check_whole_groups(world[:, 5].long(), G)
         s_pred, s_ema = world[:, 1].view(-1, G), world[:, 2].view(-1, G)
         reward = objective.information_gain(s_pred, s_ema[:, :1])
         valid = world[:, 3].view(-1, G).bool() if self.cfg.unclosed == "zero" else None
@@ -233,7 +241,7 @@ class RLPStep:
         return output, partial(self.loss_func, mb)
 
     def loss_func(self, mb, output_tensor):
-        logp = token_logprobs(output_tensor, mb["labels"], self.cfg.temperature)
+        logp = token_logprobs(output_tensor, mb["labels"], self.cfg.temperature, self._vocab)
         per_thought, has_tokens, sums = objective.per_thought_surrogate(
             logp, mb["old_logp"], mb["advantages"], mb["thought_mask"],
             self.cfg.clip_eps_low, self.cfg.clip_eps_high)
@@ -257,14 +265,6 @@ class RLPStep:
 # helpers
 
 
-def _output_layer(chunk):
-    from megatron.core.utils import get_attr_wrapped_model
-
-    if not get_attr_wrapped_model(chunk, "post_process"):
-        return None
-    return get_attr_wrapped_model(chunk, "output_layer")
-
-
 def _to_device(mb: dict) -> dict:
     return {k: v.cuda(non_blocking=True) for k, v in mb.items()}
 
@@ -274,17 +274,19 @@ def _micro_batches(fields: dict, mbs: int) -> list[dict]:
     return [{k: v[i : i + mbs] for k, v in fields.items()} for i in range(0, n, mbs)]
 
 
-def _score_forward_step(data_iterator, model, temperature, need_logp=True):
+def _score_forward_step(data_iterator, model, temperature, vocab=None, need_logp=True):
     mb = _to_device(next(data_iterator))
     output = model(mb["tokens"], mb["position_ids"], None)
 
     def collect(output_tensor, non_loss_data=False):
         rows = torch.arange(output_tensor.shape[0], device=output_tensor.device)
         target_logits = output_tensor[rows, mb["target_pos"]]
-        s_target = token_logprobs(target_logits, mb["labels"][rows, mb["target_pos"]])
+        s_target = token_logprobs(target_logits, mb["labels"][rows, mb["target_pos"]],
+                                  vocab=vocab)
         result = {"s_target": s_target.float()}
         if need_logp:
-            result["logp"] = token_logprobs(output_tensor, mb["labels"], temperature).float()
+            result["logp"] = token_logprobs(output_tensor, mb["labels"], temperature,
+                                            vocab).float()
         return result
 
     return output, collect
@@ -322,6 +324,21 @@ def _all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local, group=group)
     return torch.cat(parts)
+
+
+def _check_whole_groups(groups: torch.Tensor, G: int) -> None:
+    """The step's rows, sorted by row index, must be whole groups of G rows of one context each
+    (train.align_consumed_samples and the startup checks make it so); anything else would mix
+    contexts in a baseline, so it is an error, never a silent average."""
+    n = groups.numel()
+    ok = n % G == 0
+    if ok:
+        blocks = groups.view(-1, G)
+        ok = bool((blocks == blocks[:, :1]).all()) and blocks[:, 0].unique().numel() == n // G
+    if not ok:
+        counts = {int(g): int(c) for g, c in zip(*groups.unique(return_counts=True))}
+        raise RuntimeError(f"rlp_megatron: this step's {n} rows are not whole groups of "
+                           f"--rlp-group-size {G} (rows per group: {counts})")
 
 
 def _validate_finite(loss):

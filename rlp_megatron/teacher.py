@@ -142,7 +142,10 @@ def ema_sharded_state_dict(model_chunks, ema: dict[str, torch.Tensor]):
             sub = out.setdefault(key, {})
             for k in path[:-1]:
                 sub = sub.setdefault(k, {})
-            sub[path[-1]] = dc.replace(leaf, data=ema[name])
+            changes = {"data": ema[name]}
+            if "dtype" in {f.name for f in dc.fields(leaf)}:
+                changes["dtype"] = ema[name].dtype  # φ is fp32 whatever the params' dtype (--bf16)
+            sub[path[-1]] = dc.replace(leaf, **changes)
             names[(key, *path)] = name
     return out, names
 

@@ -17,8 +17,9 @@ Megatron-LM's ``train()`` has no hook API, so the seams are module-level functio
 * ``num_floating_point_operations``: Megatron's FLOP count assumes NTP over ``--seq-length``; for
   RLP steps it is replaced by the FLOPs actually run (rollout + scoring + teacher + update), so
   ``--log-throughput`` and the FLOPs in checkpoints stay truthful.
-* ``training_log``: negative RLP metrics (log-probs) are added to the console line, which
-  Megatron restricts to non-negative averages.
+* ``training_log``: the console line averages each metric over the iterations that logged it
+  (RLP and NTP keys alternate under ``--rlp-ntp-every``) and shows negative ones (log-probs),
+  which Megatron leaves out.
 * ``save_checkpoint`` / ``load_checkpoint``: the EMA teacher travels with each checkpoint as a
   dist-checkpointing sidecar ``iter_XXXXXXX/rlp_ema/`` (see :mod:`rlp_megatron.teacher` for the
   crash-safety rule), and is resharded on load like the model.
@@ -74,6 +75,7 @@ from rlp_megatron import megatron_fixes
 from rlp_megatron import teacher as teacher_lib
 from rlp_megatron.backends import cpu as cpu_backend
 from rlp_megatron.data import RLPDataset, load_prompt_tokens, resolve_think_tokens
+from rlp_megatron.logprobs import fp32_output_layer
 from rlp_megatron.step import RLPStep, StepData
 from rlp_megatron.teacher import EMATeacher
 
@@ -221,6 +223,7 @@ class Run:
                 seq_length=args.seq_length,
                 micro_batch_size=args.micro_batch_size,
                 calculate_per_token_loss=args.calculate_per_token_loss,
+                vocab_size=int(tokenizer.vocab_size),
                 check_nan=args.check_for_nan_in_loss_and_grad,
             )
         self.loaded_iteration_dir: str | None = None
@@ -293,6 +296,13 @@ def sync_params(model, optimizer, args) -> None:
 
 def _rlp_iteration(run: Run, orig_train_step, data_iterator, model, optimizer, scheduler, config,
                    forward_backward_func, iteration, kwargs):
+    with fp32_output_layer(model):
+        return _rlp_phases(run, orig_train_step, data_iterator, model, optimizer, scheduler,
+                           config, forward_backward_func, iteration, kwargs)
+
+
+def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, scheduler, config,
+                forward_backward_func, iteration, kwargs):
     args = get_args()
     step = run.rlp
     num_mb = get_num_microbatches()
@@ -389,24 +399,36 @@ def _num_floating_point_operations(args, batch_size, *a, **kw):
     return _ORIG_FLOPS(args, batch_size, *a, **kw)
 
 
+_CONSOLE_SUMS: dict[str, list] = {}  # key -> [sum, iterations that logged it]
+
+
 def _training_log(loss_dict, total_loss_dict, *args, **kwargs):
-    """Megatron's training_log prints only non-negative averages; log-probs such as rlp/s_pred
-    are negative. Add those to the iteration line (TensorBoard/W&B already get every key)."""
-    skipped = kwargs.get("skipped_iter", args[4] if len(args) > 4 else 0)
-    advanced = total_loss_dict.get("advanced iterations", 0) + (0 if skipped else 1)
-    hidden = []
-    for key, value in loss_dict.items():
-        if key.startswith("rlp/") and not skipped:
-            avg = (float(total_loss_dict.get(key, torch.zeros(1)).sum()) + float(value)) / max(1, advanced)
-            if avg < 0:
-                hidden.append(f" {key}: {avg:.6E} |")
-    if not hidden:
+    """Megatron's training_log with two corrections to the console line; TensorBoard and W&B
+    still get every key of every iteration from Megatron itself.
+
+    * Each key is averaged over the iterations that logged it. Megatron divides each key's sum
+      by every iteration of the log interval; with ``--rlp-ntp-every`` the RLP keys and
+      ``lm loss`` each appear in only some of them.
+    * Negative averages (log-probs such as ``rlp/s_pred``) are printed too; Megatron prints only
+      non-negative ones.
+    The sums reset when Megatron resets its own (after each printed line but the first)."""
+    margs = get_args()
+    iteration = kwargs["iteration"] if "iteration" in kwargs else args[1]
+    skipped = kwargs["skipped_iter"] if "skipped_iter" in kwargs else args[4]
+    is_first = kwargs.get("is_first_iteration", False)
+    if not skipped:
+        for key, value in loss_dict.items():
+            acc = _CONSOLE_SUMS.setdefault(key, [0.0, 0])
+            acc[0] += float(value)
+            acc[1] += 1
+    if not (iteration % margs.log_interval == 0 or is_first):
         return _ORIG_TRAINING_LOG(loss_dict, total_loss_dict, *args, **kwargs)
+    averages = {k: total / n for k, (total, n) in _CONSOLE_SUMS.items() if n}
     orig_print = mt_training.print_rank_last
 
     def print_rank_last(message):
         if " iteration " in message and " loss scale:" in message:
-            message = message.replace(" loss scale:", "".join(hidden) + " loss scale:", 1)
+            message = _console_line(message, averages)
         orig_print(message)
 
     mt_training.print_rank_last = print_rank_last
@@ -414,6 +436,22 @@ def _training_log(loss_dict, total_loss_dict, *args, **kwargs):
         return _ORIG_TRAINING_LOG(loss_dict, total_loss_dict, *args, **kwargs)
     finally:
         mt_training.print_rank_last = orig_print
+        if not is_first:
+            _CONSOLE_SUMS.clear()
+
+
+def _console_line(message: str, averages: dict[str, float]) -> str:
+    """Megatron's iteration line with ``key: value |`` set to ``averages`` for every key."""
+    import re
+
+    for key, avg in averages.items():
+        field = f" {key}: {avg:.6E} |"
+        pattern = re.compile(rf" {re.escape(key)}: [^|]* \|")
+        if pattern.search(message):
+            message = pattern.sub(lambda _: field, message, count=1)
+        else:
+            message = message.replace(" loss scale:", field + " loss scale:", 1)
+    return message
 
 
 def _save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs):
@@ -456,7 +494,32 @@ def _load_checkpoint(*args, **kwargs):
                                                              return_base_dir=True)
         if os.path.isdir(iteration_dir):
             _RUN.loaded_iteration_dir = iteration_dir
+    if _RUN is not None and margs.objective == "rlp":
+        align_consumed_samples(margs)
     return result
+
+
+def align_consumed_samples(args) -> int:
+    """Start the RLP segment at a group boundary; returns the number of samples skipped.
+
+    A group is the G consecutive sample indices ``G·k … G·k+G−1`` (rlp_megatron.data) and a
+    step reads ``[consumed, consumed + global batch)``. After NTP at another batch size, an RLP
+    run with another ``--rlp-group-size``, or any resume whose sample count is not a multiple of
+    G, the first step would otherwise cut a group in two and the next step would hold its other
+    half. Skipping to the next multiple of G (< G samples, never trained on, counted in
+    Megatron's ``skipped samples``) keeps every group whole for the rest of the run: the global
+    batch and any batch-size ramp-up are multiples of G (checked at startup). Runs before the
+    data loader is built, which starts at ``args.consumed_train_samples``."""
+    G = args.rlp_group_size
+    consumed = int(args.consumed_train_samples)
+    skip = (-consumed) % G
+    if skip:
+        args.consumed_train_samples = consumed + skip
+        args.skipped_train_samples = getattr(args, "skipped_train_samples", 0) + skip
+        print_rank_0(f"rlp_megatron: consumed samples {consumed} is not a multiple of "
+                     f"--rlp-group-size {G}: skipping samples {consumed}..{consumed + skip - 1} "
+                     f"so that every group is {G} thoughts of one context")
+    return skip
 
 
 _ORIG_SAVE_CHECKPOINT = mt_training.save_checkpoint

@@ -71,13 +71,27 @@ def test_default_context_length_shrinks_to_fit_seq_length_but_explicit_values_do
     (dict(rlp_think_tokens=["5 6", "7"]), "--rlp-think-tokens: '5 6' is 2 tokens"),
     (dict(context_parallel_size=2), "--context-parallel-size > 1 is not supported"),
     (dict(rlp_ntp_every=1), "--rlp-ntp-every must be 0 (off) or >= 2"),
+    # What the RLP step cannot honour: refused at startup instead of failing mid-run.
+    (dict(cuda_graph_impl="local"), "--cuda-graph-impl local is not supported"),
+    (dict(fp8="hybrid"), "--fp8-format is not supported"),
+    (dict(expert_model_parallel_size=2), "--expert-model-parallel-size 2 is not supported"),
+    (dict(defer_embedding_wgrad_compute=True), "--defer-embedding-wgrad-compute is not supported"),
+    # Groups that no alignment can keep whole.
+    (dict(dataloader_type="cyclic"), "--dataloader-type cyclic is not supported"),
+    (dict(rampup_batch_size=["8", "8", "100"]), "--rampup-batch-size 8 8 100: the start batch"),
 ])
 def test_bad_values_name_the_flag(overrides, flag):
+    # group size 16 (default): rampup 8 8 100 splits groups; 16 16 100 would not
     with pytest.raises(SystemExit) as exc:
         arguments.validate_rlp_args(_args(**overrides))
     message = str(exc.value)
     assert message.startswith("rlp_megatron: ") and "\n" not in message
     assert flag in message
+
+
+def test_rampup_in_whole_groups_and_the_sequential_sampler_pass():
+    arguments.validate_rlp_args(_args(rampup_batch_size=["16", "16", "100"],
+                                      dataloader_type="single"))
 
 
 @pytest.mark.slow

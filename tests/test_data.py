@@ -46,6 +46,23 @@ def test_short_documents_fall_back_to_the_longest_context():
     assert (t, start) == (7, 5)
 
 
+@pytest.mark.parametrize("window", [
+    np.full(16, EOD),  # end-of-document tokens only
+    np.array([EOD, 5, EOD, 6, EOD, EOD, 7, EOD]),  # every document is one token long
+])
+def test_window_without_a_usable_target_still_scores_the_teacher_on_its_target(window):
+    """The teacher's row is context + x_t: with an empty context its target position was -1
+    (the last, padded position of the row), so S_EMA scored a pad token."""
+    s = build_sample(window, 0, eod=EOD, think=ThinkTokens(97, 98), prompt_prefix=[],
+                     min_context=4, context_length=8, seed=0)
+    assert len(s.context) >= 1
+    rows = layout_rows(prompts=[s.context], thoughts=[[]], closed=[True], targets=[s.target],
+                       think_close=98, seq_length=len(window))
+    pos = int(rows.target_pos[0])
+    assert pos >= 0 and rows.labels[0, pos] == s.target
+    assert rows.tokens[0, : pos + 1].tolist() == s.context
+
+
 def test_build_sample_prompt_is_prefix_context_think():
     w = np.arange(10, 74)
     s = build_sample(w, 3, eod=EOD, think=ThinkTokens(97, 98), prompt_prefix=[1, 2],

@@ -33,3 +33,29 @@ def test_alignment_never_pairs_structurally_different_or_ambiguous_groups():
     assert saved[0]["max_lr"] == 1e-3
     twins = [dict(_groups(1e-3)[0]), dict(_groups(1e-3)[0])]  # two saved groups look alike
     assert megatron_fixes.align_saved_param_groups(_groups(1e-6), twins) == 0
+
+
+def test_startup_uses_the_wheels_dataset_helpers_on_any_device(tmp_path):
+    """Fix 7: Megatron's rank 0 runs `make -C megatron/core/datasets` in initialize_megatron; the
+    wheel has the compiled helpers but no Makefile, so a GPU run exited before training. Runs
+    with the CPU backend off (RLP_MEGATRON_CPU_BACKEND=0): the device-independent path a GPU
+    takes, and Megatron's own call site."""
+    import subprocess
+    import sys
+
+    code = (
+        "import rlp_megatron\n"
+        "from rlp_megatron.backends import cpu\n"
+        "assert not cpu.cpu_backend_enabled()\n"
+        "from rlp_megatron import megatron_fixes\n"
+        "megatron_fixes.install()\n"
+        "from megatron.core.datasets.utils import compile_helpers\n"  # as initialize.py does
+        "compile_helpers()\n"
+        "from megatron.core.datasets import helpers_cpp\n"
+        "print('helpers ok', helpers_cpp.__name__)\n"
+    )
+    env = {**__import__("os").environ, "RLP_MEGATRON_CPU_BACKEND": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "helpers ok" in proc.stdout

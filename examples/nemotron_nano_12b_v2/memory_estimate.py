@@ -243,8 +243,10 @@ def estimate(m: Model, job: Job, lay: Layout) -> dict:
         cache_len = job.max_row_tokens
         kv = rows * cache_len * m.kv_bytes_per_token(tp) * len(
             [c for c in layers if c == "*"]) / max(1, m.n_attn)
-        ssm = rows * m.mamba_state_bytes(tp) * len([c for c in layers if c == "M"]) / m.n_mamba
-        replicate = kv / max(1, m.n_attn)  # replicate_cache clones one layer's KV at a time
+        ssm = rows * m.mamba_state_bytes(tp) * len([c for c in layers if c == "M"]) / max(1, m.n_mamba)
+        # replicate_context copies the prefill cache (one row per context) into a new decode
+        # cache of `rows` rows; both exist until the copy is done.
+        replicate = (kv + ssm) * contexts / max(1, rows)
         prefill = contexts * (job.prompt_tokens + job.context_length + 1) * m.working_bytes_per_token(tp)
         rollout = kv + ssm + replicate + prefill
 

@@ -3,8 +3,11 @@
 Per rollout batch (whole groups, sorted by prompt length so that lengths within a batch are close):
 
 1. prefill: one forward over the distinct prompts' first ``L_min`` tokens (``L_min`` = the batch's
-   shortest prompt), i.e. once per context, not once per thought;
-2. replicate: the KV cache and Mamba conv/SSM states are indexed G-fold to one row per thought;
+   shortest prompt), i.e. once per context, not once per thought, in a cache sized for exactly
+   those prompts;
+2. replicate: the KV cache and Mamba conv/SSM states are indexed G-fold into a new cache of one
+   row per thought (dense buffers: what Transformer Engine's fused attention requires, see
+   :mod:`.inference`);
 3. decode: one token per step for all rows. A row still inside its (longer) prompt is fed its
    next prompt token (static batching: every row sits at the same position, which keeps both the
    KV cache and the Mamba recurrence exact without attention masks); a row past its prompt samples
@@ -30,6 +33,7 @@ import dataclasses
 import torch
 
 from rlp_megatron.data import RLPSample, ThinkTokens
+from rlp_megatron.logprobs import VocabShard
 from rlp_megatron.rollout import inference, sampling
 
 
@@ -80,19 +84,21 @@ def _batches(work: list[tuple[RLPSample, list[int]]], max_rows: int):
 
 
 def generate(model, work: list[tuple[RLPSample, list[int]]], cfg: RolloutConfig, iteration: int,
-             vocab_start: int, tp_group=None, pipeline: inference.Pipeline | None = None) -> Rollout:
-    """Thoughts for every (group sample, global rows) pair in ``work``."""
+             vocab: VocabShard | None, tp_group=None,
+             pipeline: inference.Pipeline | None = None) -> Rollout:
+    """Thoughts for every (group sample, global rows) pair in ``work``; ``vocab`` is this rank's
+    vocabulary shard on the last pipeline stage (None elsewhere)."""
     out = Rollout(rows=[], groups=[], thoughts=[], closed=[], behaviour_logprobs=[])
     if pipeline is not None and pipeline.size == 1:
         pipeline = None
     with inference.inference_mode(model):
         for batch in _batches(work, cfg.micro_batch_size):
-            _generate_batch(model, batch, cfg, iteration, vocab_start, tp_group, pipeline, out)
+            _generate_batch(model, batch, cfg, iteration, vocab, tp_group, pipeline, out)
     return out
 
 
-def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp_group, pipeline,
-                    out):
+def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabShard | None,
+                    tp_group, pipeline, out):
     dev = torch.cuda.current_device()  # Megatron's device (the CPU backend maps it to CPU)
     samples = [s for s, _ in batch]
     rows_per_sample = [len(r) for _, r in batch]
@@ -106,11 +112,13 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp
         prompts[i, : len(samples[j].prompt)] = torch.tensor(samples[j].prompt)
     prompts = prompts.to(dev)
 
-    ctx = inference.new_context(n_rows, l_max + cfg.thought_length + 1)
+    max_len = l_max + cfg.thought_length + 1
     distinct = torch.tensor([s.prompt[:l_min] for s in samples], dtype=torch.long, device=dev)
-    logits = inference.forward_with_cache(model, distinct, ctx, pipeline)  # once per context
+    prefill_ctx = inference.new_context(model, len(samples), max_len)
+    logits = inference.forward_with_cache(model, distinct, prefill_ctx, pipeline)  # once per context
     out.fed_tokens += distinct.numel()
-    inference.replicate_cache(model, ctx, index)
+    ctx = inference.replicate_context(model, prefill_ctx, index)
+    del prefill_ctx
     is_last = pipeline is None or pipeline.is_last
     if is_last:
         logits = logits[index]
@@ -128,8 +136,9 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab_start, tp
         if is_last:
             # Noise keyed by the thought position u, not the absolute position.
             keys = sampling.splitmix64(sampling.row_keys(cfg.seed, iteration, rows, 0) ^ n_tok)
-            tok = sampling.gumbel_max_sample(logits, keys, cfg.temperature, vocab_start, tp_group)
-            lp = inference.token_logprobs(logits, tok, cfg.temperature)
+            tok = sampling.gumbel_max_sample(logits, keys, cfg.temperature, vocab.start, tp_group,
+                                             vocab_size=vocab.vocab_size)
+            lp = inference.token_logprobs(logits, tok, cfg.temperature, vocab)
         else:
             tok, lp = torch.zeros_like(pad), torch.zeros(n_rows, device=dev)
         if pipeline is not None:

@@ -4,6 +4,19 @@ Thin wrappers around ``model(..., inference_context=ctx)`` that keep the bookkee
 leaves to its engines in one place: ``sequence_len_offset`` advances by the number of tokens fed,
 logits stay vocab-parallel (never gathered), and the cache can be replicated along the batch
 dimension so that one prefill per context serves G rollouts.
+
+Every tensor that reaches the attention core is dense. Megatron's static path hands attention
+``memory[:seq_end, batch_start:batch_end]``; that is a dense tensor only when the batch range is
+the whole cache. Transformer Engine's fused (cuDNN) attention assumes dense ``sbhd`` inputs and
+recomputes strides from the shape, so a batch slice of a larger cache would be misread. Hence the
+prefill runs in a context sized for exactly the distinct prompts, and :func:`replicate_context`
+builds the G-fold decode context by ``index_select`` into new, dense buffers sized for exactly the
+rows being decoded.
+
+Mamba's recurrent (SSM) state is allocated in fp32 here, not in the parameters' dtype as
+Megatron's mixer would: the training scan accumulates the state in fp32, and a bf16 state would
+round it at every one of up to thousands of decode steps. The conv state holds raw inputs and
+stays in the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -11,10 +24,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from megatron.core import tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
 from megatron.core.utils import get_attr_wrapped_model
+
+from rlp_megatron.logprobs import token_logprobs  # noqa: F401  (re-exported)
 
 
 @contextlib.contextmanager
@@ -53,8 +67,19 @@ def inference_mode(model):
         model.train(was_training)
 
 
-def new_context(max_batch_size: int, max_sequence_length: int) -> StaticInferenceContext:
-    return StaticInferenceContext(max_batch_size, max_sequence_length)
+def new_context(model, max_batch_size: int, max_sequence_length: int) -> StaticInferenceContext:
+    """A static context for ``max_batch_size`` rows, with this stage's Mamba states allocated
+    (SSM state in fp32, see the module docstring)."""
+    ctx = StaticInferenceContext(max_batch_size, max_sequence_length)
+    for layer_number, mixer in _mamba_mixers(model).items():
+        conv_shape, ssm_shape = mixer.mamba_state_shapes_per_request()
+        conv = torch.zeros(max_batch_size, *conv_shape, device=mixer.conv1d_weight.device,
+                           dtype=mixer.conv1d_weight.dtype)
+        ssm = torch.zeros(max_batch_size, *ssm_shape, device=mixer.conv1d_weight.device,
+                          dtype=torch.float32)
+        ctx.key_value_memory_dict[layer_number] = (conv, ssm)
+        mixer.cached_batch_size = max_batch_size
+    return ctx
 
 
 def forward_with_cache(model, tokens: torch.Tensor, ctx: StaticInferenceContext,
@@ -113,24 +138,12 @@ class Pipeline:
         return tokens
 
 
-def token_logprobs(vocab_parallel_logits: torch.Tensor, targets: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T)[target] without gathering the vocabulary; any leading shape."""
-    logits = vocab_parallel_logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    flat = logits.reshape(-1, 1, logits.shape[-1])
-    return -tensor_parallel.vocab_parallel_cross_entropy(flat, targets.reshape(-1, 1)).reshape(
-        targets.shape
-    )
-
-
 @torch.no_grad()
 def compare_decode_to_teacher_forcing(model, tokens: torch.Tensor, prefill_len: int):
     """Per-token log-probs of ``tokens[:, prefill_len:]`` from KV-cache decoding and from one
     teacher-forced forward. Returns (decode [b, n], teacher_forced [b, n])."""
     b, s = tokens.shape
-    ctx = new_context(b, s)
+    ctx = new_context(model, b, s)
     decode = []
     with inference_mode(model):
         last = forward_with_cache(model, tokens[:, :prefill_len], ctx)
@@ -149,18 +162,19 @@ def _mamba_mixers(model):
             if hasattr(m, "cached_batch_size") and hasattr(m, "layer_number")}
 
 
-def replicate_cache(model, ctx: StaticInferenceContext, index: torch.Tensor) -> None:
-    """Expand the cache from the prefilled rows to ``len(index)`` rows: row i ← row index[i].
-
-    Attention KV memory is [max_seq, max_batch, ...] (batch dim 1, allocated at max_batch_size);
-    Mamba conv/SSM states are [batch, ...] (batch dim 0, allocated at the prefill batch size, and
-    their mixer re-zeroes them when the batch size changes unless told the new size)."""
+def replicate_context(model, ctx: StaticInferenceContext,
+                      index: torch.Tensor) -> StaticInferenceContext:
+    """A new context of ``len(index)`` rows whose row i is ``ctx``'s row ``index[i]``, in new
+    dense buffers (attention KV memory is [max_seq, batch, ...], Mamba conv/SSM states are
+    [batch, ...]); ``ctx`` is left as it was."""
     mixers = _mamba_mixers(model)
     n = len(index)
-    for layer_number, (a, b) in list(ctx.key_value_memory_dict.items()):
+    out = StaticInferenceContext(n, ctx.max_sequence_length)
+    out.sequence_len_offset = ctx.sequence_len_offset
+    for layer_number, (a, b) in ctx.key_value_memory_dict.items():
+        dim = 0 if layer_number in mixers else 1
+        out.key_value_memory_dict[layer_number] = (a.index_select(dim, index),
+                                                   b.index_select(dim, index))
         if layer_number in mixers:
-            ctx.key_value_memory_dict[layer_number] = (a[index].clone(), b[index].clone())
             mixers[layer_number].cached_batch_size = n
-        else:
-            a[:, :n] = a[:, index].clone()
-            b[:, :n] = b[:, index].clone()
+    return out

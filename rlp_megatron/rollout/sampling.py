@@ -62,12 +62,16 @@ def uniform_noise(keys: torch.Tensor, vocab_start: int, vocab_size_local: int) -
 
 
 def gumbel_max_sample(vocab_parallel_logits: torch.Tensor, keys: torch.Tensor, temperature: float,
-                      vocab_start: int, tp_group=None) -> torch.Tensor:
-    """Sample one token per row from softmax(logits / T) given logits sharded over the vocab."""
+                      vocab_start: int, tp_group=None, vocab_size: int | None = None) -> torch.Tensor:
+    """Sample one token per row from softmax(logits / T) given logits sharded over the vocab;
+    ids ≥ ``vocab_size`` (Megatron's vocabulary padding) are never drawn."""
     logits = vocab_parallel_logits.float()
     u = uniform_noise(keys, vocab_start, logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
     scores = logits.double() / temperature + gumbel
+    if vocab_size is not None and vocab_start + logits.shape[-1] > vocab_size:
+        ids = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=scores.device)
+        scores = scores.masked_fill(ids >= vocab_size, float("-inf"))
     local_best, local_arg = scores.max(dim=-1)
     best = local_best.clone()
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
