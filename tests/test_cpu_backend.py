@@ -219,11 +219,12 @@ CPU_OK_ARGS = dict(transformer_impl="local", sequence_parallel=False, fp16=False
 
 def test_check_cpu_args_accepts_cpu_flags():
     assert cpu.check_cpu_args(argparse.Namespace(**CPU_OK_ARGS)) is None
+    # bf16 runs on CPU (what users run on GPUs; tests/test_device_paths.py)
+    assert cpu.check_cpu_args(argparse.Namespace(**{**CPU_OK_ARGS, "bf16": True})) is None
 
 
 @pytest.mark.parametrize("override,flag", [
     ({"fp16": True}, "--fp16"),
-    ({"bf16": True}, "--bf16"),
     ({"transformer_impl": "transformer_engine"}, "--transformer-impl transformer_engine"),
     ({"tp_comm_overlap": True}, "--tp-comm-overlap"),
     ({"use_flash_attn": True}, "--use-flash-attn"),
@@ -246,7 +247,7 @@ def test_train_entry_point_refuses_fp16_before_building_anything():
     )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("rlp_megatron: --fp16/--bf16 is not supported on the CPU backend"), last
+    assert last.startswith("rlp_megatron: --fp16 is not supported on the CPU backend"), last
     assert "Traceback" not in proc.stderr
     assert "building GPT model" not in proc.stdout
 
