@@ -62,3 +62,42 @@ def test_noise_is_uniform_and_depends_on_every_key_part():
                   sampling.row_keys(1, 2, torch.tensor([5]), 4)):
         assert not torch.equal(base, other)
     assert math.isclose(torch.corrcoef(torch.stack([u[:, 0], u[:, 1]]))[0, 1].item(), 0, abs_tol=0.1)
+
+
+def test_padded_vocabulary_ids_are_never_sampled():
+    """Megatron pads the vocabulary; the padded rows of the output layer are trained parameters
+    whose logits can win. Two TP shards of 64 ids, real vocabulary 120, padded logits huge."""
+    logits = torch.zeros(256, 128)
+    logits[:, 120:] = 50.0
+    keys = sampling.row_keys(3, 1, torch.arange(256), 0)
+    assert (sampling.gumbel_max_sample(logits, keys, 1.0, 0) >= 120).all()  # what it used to do
+    full = sampling.gumbel_max_sample(logits, keys, 1.0, 0, vocab_size=120)
+    assert full.max() < 120
+    # The shard holding the padding masks it; the other shard is unaffected.
+    lo = sampling.gumbel_max_sample(logits[:, :64], keys, 1.0, 0, vocab_size=120)
+    hi = sampling.gumbel_max_sample(logits[:, 64:], keys, 1.0, 64, vocab_size=120)
+    assert hi.max() < 120 and lo.max() < 64
+
+
+def test_logprobs_are_over_the_real_vocabulary():
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from harness import free_port
+    from rlp_megatron.logprobs import VocabShard, token_logprobs
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+
+    logits = torch.randn(5, 128)
+    logits[:, 120:] = 30.0
+    targets = torch.tensor([0, 5, 17, 64, 119])
+    got = token_logprobs(logits, targets, 0.7, VocabShard(start=0, size=128, vocab_size=120))
+    expected = torch.log_softmax(logits[:, :120] / 0.7, -1).gather(1, targets[:, None])[:, 0]
+    assert torch.allclose(got, expected, atol=1e-5)
