@@ -94,7 +94,7 @@ MODELS = {
 JOBS = {
     "full": dict(seq=1024, vocab=32768, G=8, thought=256, context=512, gbs=32, mbs=4, iters=6,
                  nproc=1, tp=1),
-    "tiny": dict(seq=64, vocab=128, G=4, thought=12, context=24, gbs=8, mbs=2, iters=4,
+    "tiny": dict(seq=64, vocab=128, G=4, thought=8, context=24, gbs=8, mbs=2, iters=3,
                  nproc=2, tp=2),
 }
 

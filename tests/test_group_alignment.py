@@ -18,7 +18,7 @@ from harness import TINY_GPT, TRAIN_FLAGS, read_jsonl, torchrun
 pytestmark = pytest.mark.slow
 
 G = 4
-RLP = ["--objective", "rlp", "--rlp-group-size", str(G), "--rlp-thought-length", "12",
+RLP = ["--objective", "rlp", "--rlp-group-size", str(G), "--rlp-thought-length", "8",
        "--rlp-context-length", "32", "--rlp-min-context", "4", "--global-batch-size", "8"]
 
 

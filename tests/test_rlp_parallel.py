@@ -2,6 +2,11 @@
 TP=2×PP=2) equal TP=1/PP=1 — same thoughts, rewards, loss and gradients at every step;
 Mamba decode log-probs equal teacher forcing; PP rollouts send only token ids backwards.
 
+With tied embeddings (Megatron's default; the GPT tests run untied) and a padded vocabulary (120
+real ids padded to 128): tied, the output layer has no weight of its own at PP=1 (the first RLP
+iteration used to fail reading its shape), and at PP=2 the last stage holds a copy of the
+embedding that Megatron keeps in sync; padded ids must never be sampled.
+
 All layouts start from the same weights: a one-iteration NTP checkpoint loaded with
 ``--pretrained-checkpoint`` (Megatron seeds initialisation per pipeline stage, so fresh
 initialisations differ between PP layouts).
@@ -15,7 +20,9 @@ import torch
 from harness import (TINY_HYBRID, TRAIN_FLAGS, decode_vs_teacher_forcing, free_port, read_jsonl,
                      torchrun)
 
-G, ITERS = 4, 3
+G, ITERS, REAL_VOCAB = 4, 3, 120
+TIED_HYBRID = [f for f in TINY_HYBRID if f != "--untie-embeddings-and-output-weights"]
+TIED_HYBRID[TIED_HYBRID.index("--vocab-size") + 1] = str(REAL_VOCAB)
 RLP = ["--objective", "rlp", "--rlp-group-size", str(G), "--rlp-thought-length", "16",
        "--rlp-context-length", "32", "--rlp-min-context", "4", "--train-iters", str(ITERS)]
 LAYOUTS = {
@@ -32,7 +39,7 @@ SLOW_LAYOUT = ("tp2pp2", 4, ["--tensor-model-parallel-size", "2",
 def _run(root, name, nproc, extra):
     out = root / name
     torchrun(nproc, ["tests/workers/rlp_run.py", str(out / "snapshots"), "--record-grads",
-                     *TINY_HYBRID,
+                     *TIED_HYBRID,
                      *TRAIN_FLAGS, *RLP, *extra, "--pretrained-checkpoint", str(root / "init"),
                      "--save", str(out / "ckpt"), "--save-interval", str(ITERS),
                      "--rlp-metrics-file", str(out / "metrics.jsonl"),
@@ -47,7 +54,7 @@ def _run(root, name, nproc, extra):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("hybrid_rlp")
-    torchrun(1, ["-m", "rlp_megatron.train", *TINY_HYBRID, *TRAIN_FLAGS, "--train-iters", "1",
+    torchrun(1, ["-m", "rlp_megatron.train", *TIED_HYBRID, *TRAIN_FLAGS, "--train-iters", "1",
                  "--save", str(root / "init"), "--save-interval", "1"])
     return root
 
@@ -94,6 +101,15 @@ def _assert_same_run(ref, other, name):
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_layout_matches_tp1_pp1(runs, layout):
     _assert_same_run(runs["tp1"], runs[layout], layout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_tied_thoughts_use_only_real_token_ids_and_the_sidecar_is_written(runs, layout):
+    tokens = [t for r in runs[layout]["rollouts"] for th in r["thoughts"] for t in th]
+    assert len(tokens) > 50 and max(tokens) < REAL_VOCAB  # 120..127 are Megatron's padding
+    assert (runs[layout]["dir"] / "ckpt" / f"iter_{ITERS:07d}" / "rlp_ema" /
+            "rlp_ema_complete.json").exists()
 
 
 @pytest.mark.slow
