@@ -95,8 +95,8 @@ def fp32_output_layer(model_chunks):
     docstring); outside it they are Megatron's again. A no-op for fp32 parameters."""
     patched = []
     for layer in _output_layers(model_chunks):
-        weight = layer.weight if layer.weight is not None else None
-        dtype = weight.dtype if weight is not None else layer.config.params_dtype
+        # Tied embeddings at PP=1: the layer has no weight of its own (it gets the embedding's).
+        dtype = layer.weight.dtype if layer.weight is not None else layer.config.params_dtype
         if dtype == torch.float32:
             continue
         original = layer._forward_impl
