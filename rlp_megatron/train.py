@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from functools import partial
@@ -442,8 +443,6 @@ def _training_log(loss_dict, total_loss_dict, *args, **kwargs):
 
 def _console_line(message: str, averages: dict[str, float]) -> str:
     """Megatron's iteration line with ``key: value |`` set to ``averages`` for every key."""
-    import re
-
     for key, avg in averages.items():
         field = f" {key}: {avg:.6E} |"
         pattern = re.compile(rf" {re.escape(key)}: [^|]* \|")
