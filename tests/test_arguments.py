@@ -81,7 +81,6 @@ def test_default_context_length_shrinks_to_fit_seq_length_but_explicit_values_do
     (dict(rampup_batch_size=["8", "8", "100"]), "--rampup-batch-size 8 8 100: the start batch"),
 ])
 def test_bad_values_name_the_flag(overrides, flag):
-    # group size 16 (default): rampup 8 8 100 splits groups; 16 16 100 would not
     with pytest.raises(SystemExit) as exc:
         arguments.validate_rlp_args(_args(**overrides))
     message = str(exc.value)
@@ -90,8 +89,9 @@ def test_bad_values_name_the_flag(overrides, flag):
 
 
 def test_rampup_in_whole_groups_and_the_sequential_sampler_pass():
-    arguments.validate_rlp_args(_args(rampup_batch_size=["16", "16", "100"],
-                                      dataloader_type="single"))
+    args = _args(rampup_batch_size=["16", "16", "100"], dataloader_type="single")
+    assert arguments.validate_rlp_args(args) is None  # no SystemExit
+    assert args.rlp_seed == 1
 
 
 @pytest.mark.slow
