@@ -7,10 +7,13 @@ are exactly bf16 numbers); then RLPStep's rollout and scoring run in bf16 on fix
 as shipped (fp32 logits, fp32 Mamba SSM decode state) and once with Megatron's own numerics
 (bf16-rounded logits, SSM state in bf16); then an fp32 run of the *same weights* scores the same
 rows. The output weight is scaled by 32 (exactly) in all runs, so logits reach a trained LM's
-magnitudes (16–32). Printed per model and variant:
+magnitudes (16–32). Three variants: Megatron's numerics (before), Megatron's output layer in fp32
+(``--rlp-logprobs logits``) and the fused log-prob kernels (``--rlp-logprobs fused``, the
+default). Printed per model and variant:
 
-* ``logit err``: max |logit − hidden @ W.T in fp32| at the output layer (what the fp32 head
-  removes: bf16 rounding of each logit);
+* ``head err``: logits paths: max |logit − hidden @ W.T in fp32| at the output layer (what the
+  fp32 head removes: bf16 rounding of each logit); fused: max |log-prob (or decode logit) −
+  float64 arithmetic on the same bf16 inputs| over every kernel call (the kernel's own error);
 * ``mismatch``: rlp/logprob_mismatch, |decode − teacher-forced| log-prob of the thought tokens;
 * ``S_pred err``: |S_pred(bf16 run) − S_pred(fp32 run, same weights, same rows)|, which also
   contains the bf16 rounding of every activation before the output layer.
@@ -47,9 +50,10 @@ def measure(root: Path, name: str, groups: int) -> list[dict]:
     common = ["--probe-load", str(init / "iter_0000001"), "--probe-scale-output", "32",
               "--probe-groups", str(groups)]
     rows = []
-    for variant, extra in (("Megatron bf16 (before)", ["--probe-without-bf16-fixes"]),
-                           ("fp32 head + fp32 SSM state (after)", [])):
-        tag = "before" if extra else "after"
+    for tag, variant, extra in (
+            ("before", "Megatron bf16 logits, bf16 SSM state", ["--probe-without-bf16-fixes"]),
+            ("logits", "fp32 output layer (--rlp-logprobs logits)", ["--probe-logprobs", "logits"]),
+            ("fused", "fused kernels (default)", [])):
         bf16 = _probe(root / f"{name}_{tag}.pt", "rollout", flags, "--bf16", *common, *extra)
         ref = _probe(root / f"{name}_{tag}_ref.pt", "score", flags, *common,
                      "--probe-rows", str(root / f"{name}_{tag}.pt"))
@@ -58,7 +62,7 @@ def measure(root: Path, name: str, groups: int) -> list[dict]:
         err = (bf16["s_pred"] - ref["s_pred"]).abs()
         rows.append(dict(model=name, variant=variant, rows=len(err),
                          max_logit=bf16["max_logit"],
-                         logit_err=max(h["max_err"] for h in bf16["head"]),
+                         logit_err=max(h["max_err"] for h in bf16["head"] + bf16["kernels"]),
                          mismatch_mean=mismatch.mean().item(), mismatch_max=mismatch.max().item(),
                          s_pred_mean=err.mean().item(), s_pred_max=err.max().item()))
     return rows
@@ -70,7 +74,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [r for name in MODELS for r in measure(Path(tmp), name, args.groups)]
-    print("| model | numerics | rows | max |logit| | logit err | rlp/logprob_mismatch mean / max "
+    print("| model | numerics | rows | max |logit| | head err | rlp/logprob_mismatch mean / max "
           "| S_pred err vs fp32 mean / max |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

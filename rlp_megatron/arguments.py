@@ -30,6 +30,8 @@ class RLPConfig:
     ema_decay: float = _OBJECTIVE.ema_decay
     unclosed: str = "score"
     rollout_micro_batch_size: int = 0
+    logprobs: str = "fused"
+    logprob_chunk_size: int = 1024
     seed: int = 1234
 
     @classmethod
@@ -74,6 +76,14 @@ def add_rlp_args(parser):
     g.add_argument("--rlp-rollout-micro-batch-size", type=int, default=d.rollout_micro_batch_size,
                    help="Rows decoded together (bounds KV-cache/Mamba-state memory); 0 = all "
                         "rows of a data-parallel rank at once.")
+    g.add_argument("--rlp-logprobs", choices=("fused", "logits"), default=d.logprobs,
+                   help="How RLP forwards get log-probs: 'fused' computes them from the final "
+                        "hidden states and the output weight in fp32 without materialising "
+                        "logits (rlp_megatron.kernels); 'logits' runs Megatron's output layer "
+                        "(in fp32) and scores its vocab-parallel logits.")
+    g.add_argument("--rlp-logprob-chunk-size", type=int, default=d.logprob_chunk_size,
+                   help="Tokens per chunk of the fused log-prob kernel (bounds its fp32 "
+                        "[chunk x vocab/TP] working set).")
     g.add_argument("--rlp-ntp-every", type=int, default=0, metavar="K",
                    help="In an RLP run, make every K-th iteration a next-token-prediction "
                         "iteration (0 = never). Each objective logs under its own keys.")
@@ -114,6 +124,8 @@ def validate_rlp_args(args) -> None:
         _fail(f"--rlp-temperature must be > 0 (got {args.rlp_temperature})")
     if args.rlp_ntp_every < 0 or args.rlp_ntp_every == 1:
         _fail(f"--rlp-ntp-every must be 0 (off) or >= 2 (got {args.rlp_ntp_every})")
+    if args.rlp_logprob_chunk_size < 1:
+        _fail(f"--rlp-logprob-chunk-size must be >= 1 (got {args.rlp_logprob_chunk_size})")
     if args.rlp_rollout_micro_batch_size < 0:
         _fail("--rlp-rollout-micro-batch-size must be >= 0 (0 = all rows at once)")
     if args.objective != "rlp":
@@ -195,6 +207,12 @@ def _check_unsupported_features(args) -> None:
         _fail(f"--expert-model-parallel-size {args.expert_model_parallel_size} is not supported "
               f"with --objective rlp: data-parallel ranks run different numbers of rollout and "
               f"teacher forwards and would deadlock in the experts' all-to-all; use 1")
+    if getattr(args, "mtp_num_layers", None):
+        _fail(f"--mtp-num-layers {args.mtp_num_layers} is not supported with --objective rlp: "
+              f"the RLP loss has no multi-token-prediction term")
+    if getattr(args, "use_mup", False) and args.rlp_logprobs == "fused":
+        _fail("--use-mup scales the logits inside Megatron's output path; use --rlp-logprobs "
+              "logits with it")
     if getattr(args, "defer_embedding_wgrad_compute", False):
         _fail("--defer-embedding-wgrad-compute is not supported with --objective rlp: RLP "
               "computes the output layer in fp32 (exact rewards under bf16), outside the "

@@ -46,12 +46,22 @@ and on any GPU install without them. megatron-core 0.19.x has three resume bugs 
    C++ dataset helper functions"). Fix: use the shipped extension when it imports; compile (as
    Megatron does) only when it does not, e.g. in a source checkout.
 
+8. ``HybridModel.forward`` has no ``output_processor`` seam (``GPTModel`` has had it since
+   Megatron-LM PR #4686; the hybrid port is PR #7008, open), so RLP's log-prob kernels could not
+   replace the hybrid model's logits. Fix: accept ``output_processor=`` /
+   ``output_processor_context=`` as ``GPTModel`` does. The wrapper runs the model with
+   ``post_process`` lowered for the call — upstream's forward then returns the final-norm hidden
+   states right before its output layer, the same point at which ``GPTModel`` calls the processor —
+   and calls the processor with ``GPTModel``'s keyword arguments. Without a processor the call is
+   upstream's, untouched. Never switched off (RLP's default log-prob path needs it).
+
 Set ``RLP_MEGATRON_MEGATRON_FIXES=0`` to run without fixes 1-6 (the tests use it to show each bug).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -206,10 +216,53 @@ def _use_shipped_dataset_helpers() -> None:  # fix 7
     ds_utils.compile_helpers = compile_helpers
 
 
+def _hybrid_output_processor() -> None:  # fix 8
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    if getattr(HybridModel.forward, "_rlp_fix", False):
+        return
+    original = HybridModel.forward
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self, input_ids, position_ids, attention_mask, *args, output_processor=None,
+                output_processor_context=None, **kwargs):
+        if output_processor is None or not self.post_process:
+            return original(self, input_ids, position_ids, attention_mask, *args, **kwargs)
+        if self.config.mtp_num_layers:
+            raise NotImplementedError("output_processor with multi-token prediction")
+        self.post_process = False
+        try:
+            hidden_states = original(self, input_ids, position_ids, attention_mask, *args,
+                                     **kwargs)
+        finally:
+            self.post_process = True
+        output_weight = None
+        if self.share_embeddings_and_output_weights:
+            output_weight = self.shared_embedding_or_output_weight()
+        given = signature.bind(self, input_ids, position_ids, attention_mask, *args,
+                               **kwargs).arguments
+        return output_processor(
+            hidden_states=hidden_states, output_layer=self.output_layer,
+            output_weight=output_weight, labels=given.get("labels"),
+            loss_mask=given.get("loss_mask"), input_ids=input_ids, position_ids=position_ids,
+            attention_mask=attention_mask, decoder_input=given.get("decoder_input"),
+            inference_context=given.get("inference_context"),
+            packed_seq_params=given.get("packed_seq_params"),
+            runtime_gather_output=given.get("runtime_gather_output"),
+            context=output_processor_context,
+            compute_language_model_loss=self.compute_language_model_loss,
+            scale_logits=self._scale_logits, config=self.config)
+
+    forward._rlp_fix = True
+    HybridModel.forward = forward
+
+
 def install() -> None:
     """Install the fixes (idempotent; the Adam ones are no-ops when apex/TE fused Adam is used)."""
     global _INSTALLED
     _use_shipped_dataset_helpers()  # fix 7: without it nothing starts, so never switched off
+    _hybrid_output_processor()  # fix 8: a seam, not a behaviour change; never switched off
     if _INSTALLED or os.environ.get("RLP_MEGATRON_MEGATRON_FIXES", "1") == "0":
         return
     _INSTALLED = True

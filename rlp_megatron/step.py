@@ -4,7 +4,9 @@ Each phase is a method of :class:`RLPStep`, timed under its own name, and runs r
 code: rollouts through Megatron's static inference context (:mod:`rlp_megatron.rollout`), scoring
 and the teacher forward through Megatron's pipeline schedule (forward only), the update through
 Megatron's own ``train_step`` with :meth:`RLPStep.forward_step` / :meth:`RLPStep.loss_func` in
-the usual ``(loss, num_tokens, report)`` contract.
+the usual ``(loss, num_tokens, report)`` contract. Every forward hands the last stage an
+``output_processor`` request (:mod:`rlp_megatron.logprobs`) and gets log-probs back, not logits
+(``--rlp-logprobs fused``, the default).
 
 Choices (the paper leaves them open; rlp_spec §7):
 * ``old_logp`` (the ratio's denominator) comes from a teacher-forced forward of θ over the same
@@ -32,7 +34,8 @@ from megatron.core.rerun_state_machine import RerunDataIterator
 from rlp_megatron import objective
 from rlp_megatron.arguments import RLPConfig
 from rlp_megatron.data import RLPSample, ThinkTokens, build_sample, layout_rows
-from rlp_megatron.logprobs import VocabShard, token_logprobs, vocab_shard
+from rlp_megatron.logprobs import (LogprobRequest, VocabShard, rlp_output_processor,
+                                   token_logprobs, vocab_shard)
 from rlp_megatron.rollout import generate as rollout_lib
 from rlp_megatron.teacher import EMATeacher
 
@@ -77,8 +80,15 @@ class RLPStep:
         """This rank's vocabulary shard (last pipeline stage; None elsewhere)."""
         if self._vocab is None:
             self._vocab = vocab_shard(model[0], mpu.get_tensor_model_parallel_rank(),
-                                      self.vocab_size)
+                                      self.vocab_size, mpu.get_tensor_model_parallel_group())
         return self._vocab
+
+    @property
+    def fused(self) -> bool:
+        return self.cfg.logprobs == "fused"
+
+    def request(self, **fields) -> LogprobRequest:
+        return LogprobRequest(vocab=self._vocab, chunk_size=self.cfg.logprob_chunk_size, **fields)
 
     # -----------------------------------------------------------------------------------------
     # Phase 1: rows and positions
@@ -116,7 +126,7 @@ class RLPStep:
         cfg = rollout_lib.RolloutConfig(
             thought_length=self.cfg.thought_length, temperature=self.cfg.temperature,
             seed=self.cfg.seed, think=self.think,
-            micro_batch_size=self.cfg.rollout_micro_batch_size)
+            micro_batch_size=self.cfg.rollout_micro_batch_size, fused_logprobs=self.fused)
         pipeline = None
         if mpu.get_pipeline_model_parallel_world_size() > 1:
             config = chunk.config if hasattr(chunk, "config") else chunk.module.config
@@ -144,7 +154,7 @@ class RLPStep:
             dict(tokens=data.tokens, position_ids=data.position_ids, labels=data.labels,
                  target_pos=data.target_pos), self.micro_batch_size),
             partial(_score_forward_step, temperature=self.cfg.temperature,
-                    vocab=self.vocab(model)), self.seq_length,
+                    vocab=self.vocab(model), step=self), self.seq_length,
             self.micro_batch_size)
         if out is not None:
             data.old_logp = torch.cat([o["logp"] for o in out]).cpu() * data.thought_mask
@@ -167,7 +177,7 @@ class RLPStep:
         with self.teacher.swapped_in():
             out = _forward_only(model, _micro_batches(batch, mbs),
                                 partial(_score_forward_step, temperature=1.0, need_logp=False,
-                                        vocab=self.vocab(model)),
+                                        vocab=self.vocab(model), step=self),
                                 self.seq_length, mbs)
         if out is not None:
             s_ema_group = torch.cat([o["s_target"] for o in out]).cpu()[: len(groups)]
@@ -237,11 +247,17 @@ class RLPStep:
 
     def forward_step(self, data_iterator, model, return_schedule_plan: bool = False):
         mb = _to_device(next(data_iterator))
-        output = model(mb["tokens"], mb["position_ids"], None)
+        if self.fused:  # the model returns the labels' log-probs at T (last stage)
+            output = model(mb["tokens"], mb["position_ids"], None,
+                           **_processor(self.request(labels=mb["labels"],
+                                                     temperature=self.cfg.temperature)))
+        else:
+            output = model(mb["tokens"], mb["position_ids"], None)
         return output, partial(self.loss_func, mb)
 
     def loss_func(self, mb, output_tensor):
-        logp = token_logprobs(output_tensor, mb["labels"], self.cfg.temperature, self._vocab)
+        logp = output_tensor if self.fused else token_logprobs(
+            output_tensor, mb["labels"], self.cfg.temperature, self._vocab)
         per_thought, has_tokens, sums = objective.per_thought_surrogate(
             logp, mb["old_logp"], mb["advantages"], mb["thought_mask"],
             self.cfg.clip_eps_low, self.cfg.clip_eps_high)
@@ -274,8 +290,27 @@ def _micro_batches(fields: dict, mbs: int) -> list[dict]:
     return [{k: v[i : i + mbs] for k, v in fields.items()} for i in range(0, n, mbs)]
 
 
-def _score_forward_step(data_iterator, model, temperature, vocab=None, need_logp=True):
+def _processor(request: LogprobRequest) -> dict:
+    return dict(output_processor=rlp_output_processor, output_processor_context=request)
+
+
+def _score_forward_step(data_iterator, model, temperature, vocab, step: RLPStep,
+                        need_logp=True):
+    """S at T = 1 of each row's target (and the labels' log-probs at T): fused, the model returns
+    them (see LogprobRequest); else they are computed from its logits."""
     mb = _to_device(next(data_iterator))
+    if step.fused:
+        request = step.request(labels=mb["labels"] if need_logp else None,
+                               target_pos=mb["target_pos"], temperature=temperature,
+                               targets=None if need_logp else _target_labels(mb))
+        output = model(mb["tokens"], mb["position_ids"], None, **_processor(request))
+
+        def split(output_tensor, non_loss_data=False):
+            if not need_logp:
+                return {"s_target": output_tensor.float()}
+            return {"s_target": output_tensor[:, -1].float(), "logp": output_tensor[:, :-1]}
+
+        return output, split
     output = model(mb["tokens"], mb["position_ids"], None)
 
     def collect(output_tensor, non_loss_data=False):
@@ -290,6 +325,11 @@ def _score_forward_step(data_iterator, model, temperature, vocab=None, need_logp
         return result
 
     return output, collect
+
+
+def _target_labels(mb: dict) -> torch.Tensor:
+    rows = torch.arange(mb["labels"].shape[0], device=mb["labels"].device)
+    return mb["labels"][rows, mb["target_pos"]]
 
 
 def _forward_only(model, batches, forward_step, seq_length, mbs):

@@ -38,6 +38,7 @@ Switching objectives on one checkpoint directory (the users' workflow):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -297,7 +298,8 @@ def sync_params(model, optimizer, args) -> None:
 
 def _rlp_iteration(run: Run, orig_train_step, data_iterator, model, optimizer, scheduler, config,
                    forward_backward_func, iteration, kwargs):
-    with fp32_output_layer(model):
+    # Fused log-probs never call the output layer; the logits path runs it in fp32.
+    with fp32_output_layer(model) if not run.rlp.fused else contextlib.nullcontext():
         return _rlp_phases(run, orig_train_step, data_iterator, model, optimizer, scheduler,
                            config, forward_backward_func, iteration, kwargs)
 
@@ -325,9 +327,9 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     if args.rlp_dump_rollouts:
         _dump_rollout(args.rlp_dump_rollouts, iteration + 1, data)
     totals = torch.tensor([len(rollout.rows), rollout.generated_tokens, rollout.fed_tokens,
-                           len(samples)], dtype=torch.float64).cuda()
+                           len(samples), rollout.logit_rows], dtype=torch.float64).cuda()
     torch.distributed.all_reduce(totals, group=mpu.get_data_parallel_group())
-    thoughts, gen_tokens, fed_tokens, contexts = totals.tolist()
+    thoughts, gen_tokens, fed_tokens, contexts, logit_rows = totals.tolist()
     data.metrics.update({
         "rlp/thoughts_per_s": thoughts / (t1 - t0),
         "rlp/gen_tokens_per_s": gen_tokens / (t1 - t0),
@@ -335,19 +337,32 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
         "rlp/time_score_s": t2 - t1,
         "rlp/time_update_s": t3 - t2,
     })
-    run.last_step_flops = _rlp_flops(args, fed_tokens, contexts)
+    run.last_step_flops = _rlp_flops(args, fed_tokens, contexts, logit_rows, step.fused)
     return out, data.metrics
 
 
-def _rlp_flops(args, fed_tokens: float, contexts: float) -> float:
-    """FLOPs of one RLP step with Megatron's own per-sequence formula: update (fwd+bwd) and
-    scoring (fwd) over the global batch's rows, the teacher forward over the contexts (rows padded
-    to --seq-length, as computed), and the rollout's forwards (every token fed: prefills and one
-    token per row per decode step, finished rows included)."""
-    per_seq_fwd = _ORIG_FLOPS(args, 1) / 3.0
-    per_token_fwd = per_seq_fwd / args.seq_length
-    gbs = args.global_batch_size
-    return (3 + 1) * per_seq_fwd * gbs + per_seq_fwd * contexts + per_token_fwd * fed_tokens
+def _rlp_flops(args, fed_tokens: float, contexts: float, logit_rows: float, fused: bool) -> float:
+    """FLOPs of one RLP step with Megatron's own per-sequence formula, split into the model body
+    and the output projection (2·h·V per position and forward) so that each counts where it ran:
+
+    * body: update (fwd+bwd = 3 fwd) and scoring (fwd) over the global batch's rows, the teacher
+      forward over the contexts (rows padded to --seq-length, as computed), and the rollout's
+      forwards (every token fed: prefills and one token per row per decode step, finished rows
+      included);
+    * output projection: update over every position — fused, 4× (forward, the backward's
+      recomputation, and the two gradient GEMMs) instead of Megatron's 3× — and scoring over every
+      position; fused, the teacher at the one scored position per context and the rollout at the
+      positions whose logits it computed (the last of each forward); else at every position.
+    """
+    seq = args.seq_length
+    per_token_fwd = _ORIG_FLOPS(args, 1) / 3.0 / seq
+    logit = 2.0 * args.hidden_size * args.padded_vocab_size
+    body = per_token_fwd - logit
+    rows = args.global_batch_size * seq
+    flops = body * (3 * rows + rows + contexts * seq + fed_tokens)
+    if fused:
+        return flops + logit * (4 * rows + rows + contexts + logit_rows)
+    return flops + logit * (3 * rows + rows + contexts * seq + fed_tokens)
 
 
 def _dump_rollout(directory, iteration, data: StepData):
@@ -363,6 +378,7 @@ def _dump_rollout(directory, iteration, data: StepData):
         "s_pred": data.s_pred, "s_ema": data.s_ema, "advantages": data.advantages,
         "old_logp": data.old_logp, "thought_mask": data.thought_mask,
         "fed_tokens": r.fed_tokens,
+        "logit_rows": r.logit_rows,
     }, os.path.join(directory, f"iter{iteration:07d}_dp{mpu.get_data_parallel_rank()}.pt"))
 
 

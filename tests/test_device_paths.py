@@ -47,16 +47,20 @@ def test_attention_core_receives_dense_tensors_in_every_rollout_phase(probes, mo
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_logits_rlp_uses_are_fp32_products_of_the_bf16_inputs(probes, model):
-    """Megatron's bf16 output layer rounds each logit to bf16 before Float16Module's fp32 cast;
-    RLP's forwards (rollout and scoring) get hidden @ W.T accumulated in fp32 instead."""
-    head = probes[model]["head"]
-    assert {h["phase"] for h in head} == {"rollout", "score"}
-    assert all(h["input_dtype"] == "torch.bfloat16" and h["dtype"] == "torch.float32"
-               for h in head)
-    assert max(h["max_logit"] for h in head) >= 10  # the regime where rounding costs 0.03+ nats
-    worst = max(h["max_err"] for h in head)
-    print(f"{model}: max |logit - fp32(h @ W.T)| = {worst:.3g}")
+def test_rlp_logprobs_are_fp32_from_bf16_inputs_and_never_use_the_output_layer(probes, model):
+    """Megatron's bf16 output layer rounds each logit to bf16 before Float16Module's fp32 cast.
+    RLP's forwards (rollout and scoring) never call it: the decode logits and every scored
+    log-prob are computed in fp32 from the bf16 hidden states and output weight, within fp32
+    accumulation of float64 arithmetic on the same inputs."""
+    r = probes[model]
+    assert not r["head"]  # Megatron's output layer did not run
+    calls = r["kernels"]
+    assert {(c["phase"], c["kind"]) for c in calls} == {("rollout", "decode"), ("score", "fused")}
+    assert all(c["input_dtype"] == c["weight_dtype"] == "torch.bfloat16"
+               and c["dtype"] == "torch.float32" for c in calls)
+    assert max(c["max_logit"] for c in calls) >= 10  # where bf16 rounding costs 0.03+ nats
+    worst = max(c["max_err"] for c in calls)
+    print(f"{model}: max |fp32 kernel - float64 on the same bf16 inputs| = {worst:.3g}")
     assert worst <= 1e-4  # fp32 summation order only (bf16-rounded logits: up to 0.06)
 
 

@@ -30,7 +30,10 @@ LAYOUTS = {
     # TP=2 also decodes in rollout micro-batches of 2 rows (instead of all 4 at once): the
     # thoughts must not depend on how rows are batched.
     "tp2": (2, ["--tensor-model-parallel-size", "2", "--rlp-rollout-micro-batch-size", "2"]),
-    "pp2": (2, ["--pipeline-model-parallel-size", "2", "--record-rollout-communication"]),
+    # PP=2 runs its log-probs through Megatron's output layer (--rlp-logprobs logits); the others
+    # use the fused kernels (the default): equal runs also mean "fused ≡ logits" at PP=2.
+    "pp2": (2, ["--pipeline-model-parallel-size", "2", "--record-rollout-communication",
+                "--rlp-logprobs", "logits"]),
 }
 SLOW_LAYOUT = ("tp2pp2", 4, ["--tensor-model-parallel-size", "2",
                              "--pipeline-model-parallel-size", "2"])

@@ -1,7 +1,8 @@
 """RLP inside Megatron's training step, end to end on CPU (tiny GPT, mock data, torchrun).
 
 One module-scoped pair of runs (TP=1 and TP=2, 3 RLP iterations each, same seed and initial
-weights) backs several claims: same thoughts, rewards and loss across TP; the loss Megatron
+weights; TP=1 with the fused log-prob kernels, TP=2 through Megatron's output layer) backs several
+claims: same thoughts, rewards and loss across TP; the loss Megatron
 reports equals the clipped surrogate recomputed from the logged rollout; decode-time log-probs
 equal teacher forcing; the EMA after two steps equals its closed form; the iteration line carries
 the rlp/* fields.
@@ -20,7 +21,10 @@ RLP_FLAGS = [
     "--rlp-context-length", "32", "--rlp-min-context", "4", "--rlp-ema-decay", str(TAU),
     "--train-iters", str(ITERS),
 ]
-LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tensor-model-parallel-size", "2"])}
+# TP=2 also runs the log-probs through Megatron's output layer (--rlp-logprobs logits) while TP=1
+# uses the fused kernels (the default): each claim below then also says "fused ≡ logits".
+LAYOUTS = {"tp1": (1, []),
+           "tp2": (2, ["--tensor-model-parallel-size", "2", "--rlp-logprobs", "logits"])}
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +71,35 @@ def test_rlp_metrics_reach_tensorboard(runs):
 
 @pytest.mark.slow
 def test_flops_count_is_the_rlp_steps_not_ntps(runs):
-    """What --log-throughput and checkpoints get for an RLP step: update (3 fwd) + scoring
-    (1 fwd) over the rows, the teacher over the contexts, and one forward per token fed to the
-    rollout (prefill once per context, then one token per row per decode step)."""
-    snaps = torch.load(runs["tp1"]["dir"] / "snapshots" / "rank0.pt")
-    seq_len = 64
-    for (reported, one_seq_ntp), r in zip(snaps["flops"], runs["tp1"]["rollouts"]):
-        fwd = one_seq_ntp / 3  # Megatron's NTP count for one sequence is fwd + 2 × bwd-ish = 3 fwd
-        groups = sorted(set(r["groups"]))
-        prompts = {g: p for g, p in zip(r["groups"], r["prompts"])}
-        # One batch of whole groups: prefill the shortest prompt, then steps until every row is
-        # done (prompt tails are fed one token per step).
-        l_min = min(len(prompts[g]) for g in groups)
-        steps = max(len(p) + len(t) for p, t in zip(r["prompts"], r["thoughts"])) - l_min - 1
-        fed = len(groups) * l_min + len(r["rows"]) * steps
-        assert r["fed_tokens"] == fed
-        expected = 4 * fwd * len(r["rows"]) + fwd * len(groups) + fwd / seq_len * fed
-        assert reported == pytest.approx(expected, rel=1e-9)
-        assert reported > 3 * fwd * len(r["rows"])  # more than NTP would claim
+    """What --log-throughput and checkpoints get for an RLP step: the model body for the update
+    (3 fwd) and scoring (1 fwd) over the rows, the teacher over the contexts and one forward per
+    token fed to the rollout (prefill once per context, then one token per row per decode step);
+    the output projection (2·h·V per position) where it ran: with the fused kernels (TP=1) 4× over
+    the update's positions, 1× over scoring's, once per context for the teacher and once per
+    rollout forward row; through Megatron's output layer (TP=2) at every position fed."""
+    seq_len, logit = 64, 2 * 64 * 128  # --seq-length; 2 · hidden · padded vocabulary
+    for name in ("tp1", "tp2"):
+        snaps = torch.load(runs[name]["dir"] / "snapshots" / "rank0.pt")
+        for (reported, one_seq_ntp), r in zip(snaps["flops"], runs[name]["rollouts"]):
+            fwd = one_seq_ntp / 3  # Megatron's NTP count for one sequence: fwd + bwd = 3 fwd
+            body = fwd / seq_len - logit  # per token
+            groups = sorted(set(r["groups"]))
+            prompts = {g: p for g, p in zip(r["groups"], r["prompts"])}
+            # One batch of whole groups: prefill the shortest prompt, then steps until every row
+            # is done (prompt tails are fed one token per step).
+            l_min = min(len(prompts[g]) for g in groups)
+            steps = max(len(p) + len(t) for p, t in zip(r["prompts"], r["thoughts"])) - l_min - 1
+            fed = len(groups) * l_min + len(r["rows"]) * steps
+            assert r["fed_tokens"] == fed
+            rows = len(r["rows"]) * seq_len
+            expected = body * (4 * rows + len(groups) * seq_len + fed)
+            if name == "tp1":  # fused
+                assert r["logit_rows"] == len(groups) + len(r["rows"]) * steps
+                expected += logit * (5 * rows + len(groups) + r["logit_rows"])
+            else:
+                expected += logit * (4 * rows + len(groups) * seq_len + fed)
+            assert reported == pytest.approx(expected, rel=1e-9)
+            assert reported > 3 * fwd * len(r["rows"])  # more than NTP would claim
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ import dataclasses
 import torch
 
 from rlp_megatron.data import RLPSample, ThinkTokens
-from rlp_megatron.logprobs import VocabShard
+from rlp_megatron.logprobs import LogprobRequest, VocabShard
 from rlp_megatron.rollout import inference, sampling
 
 
@@ -45,6 +45,7 @@ class RolloutConfig:
     think: ThinkTokens
     micro_batch_size: int = 0  # rows per rollout batch; 0 = all rows of the rank at once
     pad_id: int = 0
+    fused_logprobs: bool = True  # last-position logits from the hidden states (no output layer)
 
 
 @dataclasses.dataclass
@@ -57,6 +58,7 @@ class Rollout:
     closed: list[bool]  # ended with a sampled </think>
     behaviour_logprobs: list[torch.Tensor]  # one per thought, len == len(thought)
     fed_tokens: int = 0  # tokens run through the model: prefills + rows × decode steps
+    logit_rows: int = 0  # positions whose logits were computed (fused: the last of each forward)
 
 
     @property
@@ -113,10 +115,15 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
     prompts = prompts.to(dev)
 
     max_len = l_max + cfg.thought_length + 1
+    request = None
+    if cfg.fused_logprobs and vocab is not None:
+        request = LogprobRequest(vocab=vocab, last_logits=True)
     distinct = torch.tensor([s.prompt[:l_min] for s in samples], dtype=torch.long, device=dev)
     prefill_ctx = inference.new_context(model, len(samples), max_len)
-    logits = inference.forward_with_cache(model, distinct, prefill_ctx, pipeline)  # once per context
+    logits = inference.forward_with_cache(model, distinct, prefill_ctx, pipeline,
+                                          request)  # once per context
     out.fed_tokens += distinct.numel()
+    out.logit_rows += len(samples) if request is not None else distinct.numel()
     ctx = inference.replicate_context(model, prefill_ctx, index)
     del prefill_ctx
     is_last = pipeline is None or pipeline.is_last
@@ -153,8 +160,9 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
             break
         prompt_tok = prompts[:, pos] if pos < l_max else pad
         next_tok = torch.where(sampling_rows, tok, torch.where(pos < lengths, prompt_tok, pad))
-        logits = inference.forward_with_cache(model, next_tok[:, None], ctx, pipeline)
+        logits = inference.forward_with_cache(model, next_tok[:, None], ctx, pipeline, request)
         out.fed_tokens += n_rows
+        out.logit_rows += n_rows
         pos += 1
 
     thought, logps, n_tok, closed = thought.cpu(), logps.cpu(), n_tok.cpu(), closed.cpu()

@@ -28,7 +28,8 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
 from megatron.core.utils import get_attr_wrapped_model
 
-from rlp_megatron.logprobs import token_logprobs  # noqa: F401  (re-exported)
+from rlp_megatron.logprobs import (LogprobRequest, rlp_output_processor,  # noqa: F401
+                                   token_logprobs)  # (token_logprobs: re-exported)
 
 
 @contextlib.contextmanager
@@ -83,9 +84,13 @@ def new_context(model, max_batch_size: int, max_sequence_length: int) -> StaticI
 
 
 def forward_with_cache(model, tokens: torch.Tensor, ctx: StaticInferenceContext,
-                       pipeline: "Pipeline | None" = None) -> torch.Tensor | None:
+                       pipeline: "Pipeline | None" = None,
+                       request: LogprobRequest | None = None) -> torch.Tensor | None:
     """Feed ``tokens`` [b, s] at positions ctx.sequence_len_offset... ; returns the vocab-parallel
     logits of the last position, [b, V/tp], on the last pipeline stage (None elsewhere).
+    With a ``last_logits`` ``request`` they come from the final hidden states through
+    :func:`rlp_megatron.logprobs.rlp_output_processor` (fp32, padding masked, the output layer
+    never runs); without, from Megatron's output layer over every fed position.
 
     With pipeline parallelism the stages run one after another: a stage receives the previous
     stage's hidden states [s, b, h], runs its layers (each stage caches its own layers' KV and
@@ -99,12 +104,16 @@ def forward_with_cache(model, tokens: torch.Tensor, ctx: StaticInferenceContext,
         ctx.enable_decode_mode()
     if pipeline is not None and not pipeline.is_first:
         get_attr_wrapped_model(model, "set_input_tensor")(pipeline.recv_hidden(s, b))
-    out = model(tokens, position_ids, None, inference_context=ctx, runtime_gather_output=True)
+    processor = {}
+    if request is not None:
+        processor = dict(output_processor=rlp_output_processor, output_processor_context=request)
+    out = model(tokens, position_ids, None, inference_context=ctx, runtime_gather_output=True,
+                **processor)
     ctx.sequence_len_offset += s
     if pipeline is not None and not pipeline.is_last:
         pipeline.send_hidden(out)
         return None
-    return out[:, -1, :]
+    return out if request is not None else out[:, -1, :]
 
 
 class Pipeline:

@@ -2,14 +2,17 @@
 
     torchrun --nproc-per-node N tests/workers/rollout_probe.py OUT.pt MODE <Megatron flags>
         [--probe-load ITER_DIR] [--probe-rows ROWS.pt] [--probe-without-bf16-fixes]
-        [--probe-scale-output 2^k]
+        [--probe-scale-output 2^k] [--probe-logprobs fused|logits]
 
 MODE ``rollout``: sample thoughts and score them (S_pred, thought log-probs, decode-time
 log-probs), recording at every call of each attention core whether query, key and value are
 dense tensors, at every call of the output layer the logits' dtype and their distance from an
 fp32 product of the same inputs, and the dtypes of the Mamba decode states; ``score``: score
 the thoughts of ROWS.pt (a ``rollout`` output) instead of sampling — an fp32 reference of the
-same rows. ``--probe-scale-output`` multiplies the output weight (exactly, by a power of two) so
+same rows. RLP's log-prob paths are recorded per call: the output layer's (logits dtype, distance
+from an fp32 product of its inputs) with ``--probe-logprobs logits``; with ``fused`` (the default)
+each kernel call's inputs' dtype and its distance from a float64 computation on the same inputs.
+``--probe-scale-output`` multiplies the output weight (exactly, by a power of two) so
 that logits reach the magnitudes of a trained LM (16–32). ``--probe-without-bf16-fixes`` runs the same code with Megatron's bf16 logits and a
 bf16 Mamba state (what the bf16 fixes replace), to measure what they change.
 Test instrumentation only: the phases are RLPStep's own methods.
@@ -86,6 +89,37 @@ def _record_output_layer(model, log):
         layer.register_forward_hook(hook, with_kwargs=True)
 
 
+def _record_kernels(log):
+    """Per fused log-prob call (update/scoring/teacher) and per decode-logits call: input dtypes,
+    the largest |logit|, and the distance from float64 arithmetic on the same (bf16) inputs."""
+    fused, last = logprobs.kernels.fused_linear_logprobs, logprobs.last_logits
+
+    def fused_linear_logprobs(hidden, weight, targets, tp_group=None, **kw):
+        out = fused(hidden, weight, targets, tp_group, **kw)
+        z = (hidden.detach().double() @ weight.detach().double().T) / kw["temperature"]
+        ids = torch.arange(z.shape[-1])
+        z = z.masked_fill(ids >= kw["vocab_size"], float("-inf"))
+        ref = torch.log_softmax(z, -1).gather(-1, targets[..., None])[..., 0]
+        log.append({"phase": PHASE[0], "kind": "fused", "input_dtype": str(hidden.dtype),
+                    "weight_dtype": str(weight.dtype), "dtype": str(out.dtype),
+                    "max_logit": z.masked_fill(z.isinf(), 0).abs().max().item() * kw["temperature"],
+                    "max_err": (out.double() - ref).abs().max().item()})
+        return out
+
+    def last_logits(hidden, weight, vocab):
+        out = last(hidden, weight, vocab)
+        ref = vocab.mask_padding(hidden.double() @ weight.double().T)
+        finite = ref.isfinite()
+        log.append({"phase": PHASE[0], "kind": "decode", "input_dtype": str(hidden.dtype),
+                    "weight_dtype": str(weight.dtype), "dtype": str(out.dtype),
+                    "max_logit": ref[finite].abs().max().item(),
+                    "max_err": (out.double() - ref)[finite].abs().max().item()})
+        return out
+
+    logprobs.kernels.fused_linear_logprobs = fused_linear_logprobs
+    logprobs.last_logits = last_logits
+
+
 def _record_decode_states(log):
     """dtypes of the Mamba conv/SSM states that the decode steps update."""
     original = inference.replicate_context
@@ -121,8 +155,10 @@ def main():
     rows_path = _option(argv, "--probe-rows")
     scale_output = float(_option(argv, "--probe-scale-output") or 1.0)
     groups = int(_option(argv, "--probe-groups") or 3)
+    path = _option(argv, "--probe-logprobs") or "fused"
     if _option(argv, "--probe-without-bf16-fixes", has_value=False):
         _without_bf16_fixes()
+        path = "logits"
     args, model = build_model(argv)
     if load:
         module = model[0].module
@@ -137,15 +173,16 @@ def main():
     tokenizer = get_tokenizer()
     think = resolve_think_tokens(tokenizer, None)
     cfg = RLPConfig(group_size=G, thought_length=12, context_length=32, min_context=1,
-                    temperature=0.7, seed=11)
+                    temperature=0.7, seed=11, logprobs=path)
     step = RLPStep(cfg, think, [], int(tokenizer.eod), args.seq_length, args.micro_batch_size,
                    False, vocab_size=int(tokenizer.vocab_size))
     samples = _samples(think, int(tokenizer.vocab_size), groups)
     work = [(samples[g], [g * G + i for i in range(G)]) for g in range(groups)]
-    attention, head, states = [], [], []
+    attention, head, states, kernel_calls = [], [], [], []
     _record_attention_inputs(model[0], attention)
     _record_output_layer(model, head)
     _record_decode_states(states)
+    _record_kernels(kernel_calls)
     with logprobs.fp32_output_layer(model):
         if mode == "score":
             saved = torch.load(rows_path)
@@ -161,12 +198,14 @@ def main():
         step.score(model, data)
     if mpu.get_tensor_model_parallel_rank() == 0 and mpu.is_pipeline_last_stage():
         torch.save({"attention": attention, "head": head, "states": states,
+                    "kernels": kernel_calls,
                     "rows": rollout.rows, "groups": rollout.groups,
                     "thoughts": rollout.thoughts, "closed": rollout.closed,
                     "behaviour_logprobs": rollout.behaviour_logprobs,
                     "s_pred": data.s_pred, "old_logp": data.old_logp,
                     "thought_mask": data.thought_mask,
-                    "max_logit": max((h["max_logit"] for h in head), default=0.0)}, out_path)
+                    "max_logit": max((h["max_logit"] for h in head + kernel_calls),
+                                     default=0.0)}, out_path)
     torch.distributed.barrier()
 
 
