@@ -19,9 +19,14 @@ job's own output and files:
 
 It prints decode tokens/s, the RLP and NTP iteration times (medians after the first two
 iterations) and the peak memory Megatron reports next to the estimate of
-``examples/nemotron_nano_12b_v2/memory_estimate.py`` for the same geometry. Transformer Engine is
-used when it imports (``--transformer-impl transformer_engine``), else the local layers;
-Mamba kernels are mamba-ssm's when installed, else Megatron's Triton / our PyTorch ones.
+``examples/nemotron_nano_12b_v2/memory_estimate.py`` for the same geometry. Then
+``benchmarks/logprob_memory.py --device cuda`` prints the peak memory and time of the four log-prob
+paths (full-vocab gather, Megatron's vocab-parallel cross-entropy, ``vocab_parallel_logprobs``,
+``fused_linear_logprobs``; impl torch and triton) at T=8192, V=131072, H=4096 in bf16, and checks
+that they agree (the Triton kernels with the PyTorch ones); ``--tiny`` runs it on CPU at toy
+size. Transformer Engine is used when it imports (``--transformer-impl transformer_engine``), else
+the local layers; Mamba kernels are mamba-ssm's when installed, else Megatron's Triton / our
+PyTorch ones.
 Exit status 0 only when every check passes.
 """
 
@@ -167,6 +172,34 @@ def run_model(name: str, model_flags: list[str], job: dict, root: Path, tiny: bo
     return result
 
 
+# benchmarks/logprob_memory.py arguments: (full: one GPU, TP=1; tiny: CPU, one process, toy size)
+LOGPROB_BENCH = {
+    "full": ["--device", "cuda", "--check-tol", "1e-3"],
+    "tiny": ["--single", "--tokens", "64", "--vocab", "512", "--hidden", "16",
+             "--check-tol", "1e-4"],
+}
+
+
+def run_logprob_benchmark(tiny: bool, timeout: int) -> list[str]:
+    """Print the log-prob memory/time table; the failed checks (log-probs of a path off those of
+    the full-vocab path, or Triton's off PyTorch's), empty if all passed."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "logprob_memory.py"),
+           *LOGPROB_BENCH["tiny" if tiny else "full"]]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "PYTHONWARNINGS": "ignore"}
+    if tiny:
+        env["OMP_NUM_THREADS"] = "1"
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [f"timed out after {timeout} s"]
+    print(proc.stdout, flush=True)
+    if proc.returncode != 0:
+        return [f"rc={proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}"]
+    return []
+
+
 def check(result: dict) -> list[str]:
     """The failed checks of one model's run (empty: all passed)."""
     if result["rc"] != 0:
@@ -233,7 +266,8 @@ def report(result: dict, geometry: dict, job: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny models on CPU at TP=2 (CI mode)")
-    ap.add_argument("--only", default=None, help="run one model by name")
+    ap.add_argument("--only", default=None,
+                    help="run one model by name, or 'logprobs' for the log-prob benchmark")
     ap.add_argument("--out", default=None, help="keep outputs here (default: a temp dir)")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per model run")
     args = ap.parse_args(argv)
@@ -258,6 +292,12 @@ def main(argv=None) -> int:
         for f in failures:
             print(f"  FAIL {name}: {f}", flush=True)
         print(f"  {name}: {'FAILED' if failures else 'all checks passed'}", flush=True)
+        failed |= bool(failures)
+    if not args.only or args.only == "logprobs":
+        failures = run_logprob_benchmark(args.tiny, args.timeout)
+        for f in failures:
+            print(f"  FAIL logprobs: {f}", flush=True)
+        print(f"  logprobs: {'FAILED' if failures else 'all checks passed'}", flush=True)
         failed |= bool(failures)
     if not args.out:
         shutil.rmtree(root, ignore_errors=True)

@@ -5,7 +5,8 @@
 # megatron-core does not import, the wheels in .whl/ (made by tools/gpu_wheels.sh on a machine
 # with network) are installed into a private directory. Then the GPU unit tests (tests/gpu,
 # pytest marker `gpu`) and the end-to-end check (benchmarks/gpu_check.py: bf16 RLP on a ~300M GPT
-# and a ~200M hybrid) run. Transformer Engine and mamba-ssm are used when installed.
+# and a ~200M hybrid, then the log-prob memory/time table of benchmarks/logprob_memory.py) run.
+# Transformer Engine and mamba-ssm are used when installed.
 # `--tiny` runs the end-to-end part on CPU with tiny models (what CI runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."

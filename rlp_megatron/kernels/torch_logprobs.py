@@ -6,15 +6,23 @@ for vocab-parallel logits z, each TP rank holding the ids ``[vocab_start, vocab_
 * nothing of size [tokens × V] ever crosses the TP group: each rank reduces its shard to three
   numbers per token (max, Σ exp, Σ exp·z, relative to its own max) plus the target's logit on its
   owning shard; one MAX and one SUM all-reduce merge them as an online softmax does;
-* every product and sum is in fp32 whatever the input dtype (bf16 inputs are upcast tile by tile),
-  so a log-prob's error is fp32 accumulation on the given inputs, not bf16 rounding of the logits;
+* every product and sum is in fp32 whatever the input dtype, so a log-prob's error is fp32
+  accumulation on the given inputs, not bf16 rounding of the logits: on CPU bf16 tiles are upcast;
+  on CUDA the logit GEMMs take the bf16 operands with an fp32 output (``torch.mm(...,
+  out_dtype=torch.float32)``: tensor cores, products of two bf16 numbers exact in fp32, fp32
+  sums), not an fp32 GEMM on upcast copies;
+* the entropy accumulates Σ p·(z − max), relative to the running max, so no two ~30-nat numbers
+  cancel;
 * ids ≥ ``vocab_size`` (Megatron's vocabulary padding) are −inf: they are not part of the
   distribution that samples or scores;
 * :func:`fused_linear_logprobs_torch` starts from the hidden states and the output weight shard and
   never materialises the [tokens × V_local] logits: tokens are processed ``chunk_size`` at a time,
   the vocabulary shard ``vocab_chunk`` rows at a time (an online log-sum-exp across tiles), and the
   backward recomputes each tile. Its backward returns the hidden states' gradient all-reduced over
-  TP (the full gradient: every shard's contribution) and this shard's weight gradient.
+  TP (the full gradient: every shard's contribution) and this shard's weight gradient, both
+  accumulated in fp32 from the fp32 gradient of the logits and rounded once to the parameters'
+  dtype. (Megatron's bf16 output layer rounds the logits' gradient to bf16 first; on a GPU those
+  two GEMMs are fp32 GEMMs here, a cost measured by the GPU check kit, not yet optimised.)
 
 The entropy output is for selection and logging: it carries no gradient.
 """
@@ -25,6 +33,23 @@ import torch
 import torch.distributed as dist
 
 _VOCAB_CHUNK = 16384
+_TILE_ELEMENTS = 1 << 24  # fp32 working set of one tile: 64 MiB
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_OUT_DTYPE_MM = [True]  # torch.mm(..., out_dtype=) works here (CUDA); cleared on first failure
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 products and sums and an fp32 result, for any input dtypes."""
+    if (a.is_cuda and a.dtype == b.dtype and a.dtype in _LOW_PRECISION and _OUT_DTYPE_MM[0]):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (NotImplementedError, RuntimeError, TypeError):
+            _OUT_DTYPE_MM[0] = False
+    return a.float() @ b.float()
+
+
+def _rows_per_tile(columns: int) -> int:
+    return max(1, _TILE_ELEMENTS // max(1, columns))
 
 
 def _tp_size(group) -> int:
@@ -48,8 +73,8 @@ def _tile_logits(x: torch.Tensor, start: int, vocab_start: int, vocab_size: int 
 
 
 class _Partial:
-    """Per-token running statistics of one shard (an online softmax): max m, Σ exp(z − m),
-    Σ exp(z − m)·z and the target's z (0 where the target is not in the shard)."""
+    """Per-token running statistics of one shard (an online softmax): max m, s = Σ exp(z − m),
+    t = Σ exp(z − m)·(z − m) and the target's z (0 where the target is not in the shard)."""
 
     def __init__(self, n: int, device, entropy: bool):
         self.m = torch.full((n,), float("-inf"), device=device)
@@ -64,30 +89,39 @@ class _Partial:
         safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
         scale = torch.exp(m_old - safe)  # 0 where nothing was seen yet
         e = torch.exp(z - safe[:, None])
-        self.s[rows] = self.s[rows] * scale + e.sum(dim=-1)
         if self.t is not None:
-            zf = z if pad is None else z.masked_fill(pad, 0.0)
-            self.t[rows] = self.t[rows] * scale + (e * zf).sum(dim=-1)
+            zc = z - safe[:, None]
+            zc = zc if pad is None else zc.masked_fill(pad, 0.0)
+            self.t[rows] = _rebase(self.t[rows], self.s[rows], m_old, safe, scale) + (e * zc).sum(-1)
+        self.s[rows] = self.s[rows] * scale + e.sum(dim=-1)
         self.m[rows] = m_new
         inside = (local_target >= 0) & (local_target < z.shape[-1])
         picked = z.gather(-1, local_target.clamp(0, z.shape[-1] - 1)[:, None])[:, 0]
         self.target[rows] += torch.where(inside, picked, torch.zeros_like(picked))
 
     def merge(self, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(log-sum-exp, target z, Σ p·z or None) over the whole vocabulary."""
+        """(log-sum-exp, target z, entropy or None) over the whole vocabulary."""
         m = self.m.clone()
         if _tp_size(group) > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        safe = torch.where(torch.isfinite(self.m), self.m, torch.zeros_like(self.m))
-        scale = torch.where(torch.isfinite(self.m), torch.exp(safe - m), torch.zeros_like(m))
-        parts = [self.s * scale, self.target] + ([self.t * scale] if self.t is not None else [])
+        scale = torch.where(torch.isfinite(self.m), torch.exp(self.m - m), torch.zeros_like(m))
+        parts = [self.s * scale, self.target]
+        if self.t is not None:
+            parts.append(_rebase(self.t, self.s, self.m, m, scale))
         stacked = torch.stack(parts)
         if _tp_size(group) > 1:
             dist.all_reduce(stacked, group=group)
         s, target = stacked[0], stacked[1]
         lse = m + torch.log(s)
-        mean_z = stacked[2] / s if self.t is not None else None
-        return lse, target, mean_z
+        entropy = torch.log(s) - stacked[2] / s if self.t is not None else None
+        return lse, target, entropy
+
+
+def _rebase(t, s, m_old, m_new, scale):
+    """Σ exp(z − m_new)(z − m_new) from t = Σ exp(z − m_old)(z − m_old) and s = Σ exp(z − m_old):
+    scale · (t + (m_old − m_new) · s), with scale = exp(m_old − m_new); 0 where nothing was seen."""
+    shift = torch.where(torch.isfinite(m_old), m_old - m_new, torch.zeros_like(m_old))
+    return scale * (t + shift * s)
 
 
 def _chunks(n: int, size: int):
@@ -103,17 +137,18 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         v_local = logits.shape[-1]
         x = logits.reshape(-1, v_local)
         tgt = targets.reshape(-1) - vocab_start
+        chunk_size = chunk_size or _rows_per_tile(v_local)
         stats = _Partial(x.shape[0], x.device, entropy)
         for rows in _chunks(x.shape[0], chunk_size):
             z, pad = _tile_logits(x[rows], 0, vocab_start, vocab_size, temperature)
             stats.add(rows, z, pad, tgt[rows])
-        lse, target_z, mean_z = stats.merge(group)
+        lse, target_z, entropy_ = stats.merge(group)
         ctx.save_for_backward(logits, tgt, lse)
         ctx.cfg = (vocab_start, vocab_size, temperature, chunk_size)
         logp = (target_z - lse).reshape(targets.shape)
         if not entropy:
             return logp
-        ent = (lse - mean_z).reshape(targets.shape)
+        ent = entropy_.reshape(targets.shape)
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
@@ -146,9 +181,10 @@ def _grad_logits(x, start, local_target, lse, g, vocab_start, vocab_size, temper
 
 def vocab_parallel_logprobs_torch(logits, targets, tp_group=None, *, vocab_start=0,
                                   vocab_size=None, temperature=1.0, return_entropy=False,
-                                  chunk_size=4096):
+                                  chunk_size=None):
     """log softmax(logits / T)[targets] (fp32, shape of ``targets``) from this rank's vocab shard
-    ``logits`` [..., V_local]; with ``return_entropy``, also the entropy (no gradient)."""
+    ``logits`` [..., V_local]; with ``return_entropy``, also the entropy (no gradient).
+    ``chunk_size`` rows per fp32 tile (default: a 64 MiB tile)."""
     return _VocabParallelLogprobs.apply(logits, targets, tp_group, vocab_start, vocab_size,
                                         float(temperature), bool(return_entropy), chunk_size)
 
@@ -161,18 +197,18 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         tgt = targets.reshape(-1) - vocab_start
         stats = _Partial(h.shape[0], h.device, entropy)
         for rows in _chunks(h.shape[0], chunk_size):
-            hc = h[rows].float()
+            hc = h[rows]
             for cols in _chunks(weight.shape[0], vocab_chunk):
-                z, pad = _tile_logits(hc @ weight[cols].float().T, cols.start, vocab_start,
+                z, pad = _tile_logits(_mm32(hc, weight[cols].T), cols.start, vocab_start,
                                       vocab_size, temperature)
                 stats.add(rows, z, pad, tgt[rows] - cols.start)
-        lse, target_z, mean_z = stats.merge(group)
+        lse, target_z, entropy_ = stats.merge(group)
         ctx.save_for_backward(hidden, weight, tgt, lse)
         ctx.cfg = (group, vocab_start, vocab_size, temperature, chunk_size, vocab_chunk)
         logp = (target_z - lse).reshape(targets.shape)
         if not entropy:
             return logp
-        ent = (lse - mean_z).reshape(targets.shape)
+        ent = entropy_.reshape(targets.shape)
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
@@ -186,15 +222,15 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
         for rows in _chunks(h.shape[0], chunk_size):
-            hc = h[rows].float()
+            hc = h[rows]
             for cols in _chunks(weight.shape[0], vocab_chunk):
-                w = weight[cols].float()
-                d = _grad_logits(hc @ w.T, cols.start, tgt[rows], lse[rows], g[rows],
+                w = weight[cols]
+                d = _grad_logits(_mm32(hc, w.T), cols.start, tgt[rows], lse[rows], g[rows],
                                  vocab_start, vocab_size, temperature)
                 if need_h:
-                    grad_h[rows] += d @ w
+                    grad_h[rows] += _mm32(d, w)
                 if need_w:
-                    grad_w[cols] += d.T @ hc
+                    grad_w[cols] += _mm32(d.T, hc)
         if need_h and _tp_size(group) > 1:
             dist.all_reduce(grad_h, group=group)  # every shard's share of d logp / d hidden
         return (grad_h.to(hidden.dtype).reshape(hidden.shape) if need_h else None,
