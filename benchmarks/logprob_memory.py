@@ -22,7 +22,8 @@ the two ranks), in a fresh pair of processes per (variant, pass) forked after th
 variant (CPU: one timed run after a small warm-up, the slower rank; CUDA: median of 5 after 2
 warm-ups). The CPU runs use fp32 inputs (bf16 matmuls on CPU are not what a GPU run measures);
 the CUDA run uses bf16 h and W, so (i)–(iii) get bf16 logits from the matmul (Megatron's bf16
-output layer) while (iv) multiplies in fp32.
+output layer) while (iv) takes fp32 products of the bf16 inputs (``torch.mm(...,
+out_dtype=torch.float32)``: tensor cores, fp32 sums and result).
 """
 
 from __future__ import annotations

@@ -167,9 +167,9 @@ def validate_rlp_args(args) -> None:
     dropout = (getattr(args, "hidden_dropout", 0.0), getattr(args, "attention_dropout", 0.0))
     if max(dropout) > 0 and getattr(args, "rank", 0) == 0:
         print(f"rlp_megatron: WARNING: --hidden-dropout {dropout[0]} / "
-              f"--attention-dropout {dropout[1]}: the scoring and update forwards "
-              f"draw different dropout masks, so the PPO ratio is not exactly 1 on-policy; RLP "
-              f"is normally run with dropout 0", flush=True)
+              f"--attention-dropout {dropout[1]}: rollouts sample without dropout (eval mode) "
+              f"while the update's forward drops out, so the policy trained is not exactly the "
+              f"one that sampled; RLP is normally run with dropout 0", flush=True)
 
 
 def _check_groups_stay_whole(args) -> None:
@@ -201,7 +201,7 @@ def _check_unsupported_features(args) -> None:
     if getattr(args, "fp8", None) or getattr(args, "fp4", None):
         flag = "--fp8-format" if getattr(args, "fp8", None) else "--fp4-format"
         _fail(f"{flag} is not supported with --objective rlp: the rollout prefill feeds token "
-              f"counts that are not multiples of 16, and the scoring and teacher forwards would "
+              f"counts that are not multiples of 16, and the teacher forwards would "
               f"update the FP8 amax statistics; train RLP in bf16")
     if getattr(args, "expert_model_parallel_size", 1) > 1:
         _fail(f"--expert-model-parallel-size {args.expert_model_parallel_size} is not supported "

@@ -123,7 +123,7 @@ class LogprobRequest:
 def last_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab: VocabShard) -> torch.Tensor:
     """[b, V/tp] fp32 logits of [b, h] hidden states, padded ids at −inf (what decoding samples
     from: one position per row, so materialising its logits costs nothing)."""
-    return vocab.mask_padding(hidden.float() @ weight.float().T)
+    return vocab.mask_padding(kernels.fp32_matmul(hidden, weight.T))
 
 
 def rlp_output_processor(*, hidden_states, output_layer, output_weight, context: LogprobRequest,
@@ -149,7 +149,8 @@ def rlp_output_processor(*, hidden_states, output_layer, output_weight, context:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         targets = (context.targets if context.targets is not None
                    else context.labels[rows, context.target_pos])
-        s_target = logprobs(hidden[rows, context.target_pos], targets, 1.0)
+        with torch.no_grad():  # S_pred / S_EMA are rewards: constants of the loss
+            s_target = logprobs(hidden[rows, context.target_pos], targets, 1.0)
         if context.labels is None:
             return s_target
     logp = logprobs(hidden, context.labels, context.temperature)

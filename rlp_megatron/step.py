@@ -1,18 +1,22 @@
-"""One RLP training step on the sharded model: positions → rollout → score → update → EMA.
+"""One RLP training step on the sharded model: positions → rollout → teacher → update → EMA.
 
 Each phase is a method of :class:`RLPStep`, timed under its own name, and runs real Megatron-Core
-code: rollouts through Megatron's static inference context (:mod:`rlp_megatron.rollout`), scoring
-and the teacher forward through Megatron's pipeline schedule (forward only), the update through
+code: rollouts through Megatron's static inference context (:mod:`rlp_megatron.rollout`), the
+teacher forward through Megatron's pipeline schedule (forward only), the update through
 Megatron's own ``train_step`` with :meth:`RLPStep.forward_step` / :meth:`RLPStep.loss_func` in
 the usual ``(loss, num_tokens, report)`` contract. Every forward hands the last stage an
 ``output_processor`` request (:mod:`rlp_megatron.logprobs`) and gets log-probs back, not logits
 (``--rlp-logprobs fused``, the default).
 
 Choices (the paper leaves them open; rlp_spec §7):
-* ``old_logp`` (the ratio's denominator) comes from a teacher-forced forward of θ over the same
-  rows as the update, so on-policy ρ ≡ 1 and the clip is inactive, exactly as Alg. 1 intends; the
-  decode-time behaviour log-probs are kept to measure the rollout/training mismatch
-  (``rlp/logprob_mismatch``), not used in the loss.
+* S_pred comes from the rollout (one decode step after the thought's ``</think>``), and
+  ``old_logp`` (the ratio's denominator) is the update forward's own log-probs, detached: one
+  optimizer step per rollout makes θ_old = θ, so ρ ≡ 1 and the clip is inactive, exactly as
+  Alg. 1 intends, without a separate teacher-forced scoring forward over every row. No
+  configuration here runs several updates per rollout, so there is no option for a separate
+  old-log-prob forward. The update measures, at no extra cost, how far the decode-time values are
+  from its teacher-forced ones: ``rlp/logprob_mismatch`` (thought tokens, behaviour log-probs) and
+  ``rlp/s_pred_mismatch`` (S_pred).
 * Thought tokens are scored at the sampling temperature T (the policy that sampled them);
   S_pred and S_EMA are log-likelihoods of x_t at T = 1.
 * S_EMA is the teacher's log p̄_φ(x_t | context): no instruction prompt and no ``<think>``.
@@ -51,8 +55,9 @@ class StepData:
     thought_mask: torch.Tensor = None
     target_pos: torch.Tensor = None
     position_ids: torch.Tensor = None
-    old_logp: torch.Tensor = None  # [n, S], at label positions (last stage only)
-    s_pred: torch.Tensor = None  # [n]
+    behaviour: torch.Tensor = None  # [n, S] decode-time log-probs at thought label positions
+    old_logp: torch.Tensor = None  # [n, S] the update's log-probs (last stage, after the update)
+    s_pred: torch.Tensor = None  # [n] from the rollout (last stage)
     s_ema: torch.Tensor = None  # [n] (the row's group value)
     advantages: torch.Tensor = None  # [n]
     metrics: dict = dataclasses.field(default_factory=dict)
@@ -75,6 +80,8 @@ class RLPStep:
         self._current: StepData | None = None
         self._loss_scale = 1.0
         self._vocab: VocabShard | None = None
+        self._update_logp: list[torch.Tensor] = []
+        self._mismatch_max: torch.Tensor | None = None
 
     def vocab(self, model) -> VocabShard | None:
         """This rank's vocabulary shard (last pipeline stage; None elsewhere)."""
@@ -136,7 +143,7 @@ class RLPStep:
                                     pipeline=pipeline)
 
     # -----------------------------------------------------------------------------------------
-    # Phase 3: scoring (θ: S_pred and old log-probs; φ: S_EMA)
+    # Phase 3: rows for the update, and the teacher (φ: S_EMA)
 
     def layout(self, data: StepData) -> None:
         r = data.rollout
@@ -147,9 +154,15 @@ class RLPStep:
         data.tokens, data.labels = rows.tokens, rows.labels
         data.thought_mask, data.target_pos = rows.thought_mask, rows.target_pos
         data.position_ids = rows.position_ids
+        data.behaviour = torch.zeros_like(data.thought_mask)
+        for i, lp in enumerate(r.behaviour_logprobs):
+            data.behaviour[i, data.thought_mask[i] > 0] = lp.float()
+        data.s_pred = torch.tensor(r.s_pred, dtype=torch.float32)
 
     def score(self, model, data: StepData) -> None:
-        """Teacher-forced θ forward over the rows: S_pred (T = 1) and thought log-probs (T)."""
+        """Teacher-forced θ forward over the rows: S_pred (T = 1) and thought log-probs (T) into
+        ``data.s_pred`` / ``data.old_logp``. Not part of the step (S_pred comes from the rollout,
+        the old log-probs from the update): a check of the rollout's values, for diagnostics."""
         out = _forward_only(model, _micro_batches(
             dict(tokens=data.tokens, position_ids=data.position_ids, labels=data.labels,
                  target_pos=data.target_pos), self.micro_batch_size),
@@ -214,21 +227,6 @@ class RLPStep:
             "rlp/advantage_abs": adv.abs().mean().item(),
         })
         self._num_thoughts_global = int((world[:, 4] > 0).sum().item())
-        # Rollout/training log-prob consistency on thought tokens (measured, not hidden).
-        diffs = [(b - data.old_logp[i][data.thought_mask[i] > 0]).abs()
-                 for i, b in enumerate(r.behaviour_logprobs) if len(b)]
-        if diffs:
-            d = torch.cat(diffs)
-            stats = torch.tensor([d.sum().item(), float(d.numel()), d.max().item()],
-                                 dtype=torch.float64)
-        else:
-            stats = torch.zeros(3, dtype=torch.float64)
-        summed = stats[:2].clone().cuda()
-        dist.all_reduce(summed, group=dp)
-        mx = stats[2:].clone().cuda()
-        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=dp)
-        data.metrics["rlp/logprob_mismatch"] = (summed[0] / summed[1].clamp(min=1)).item()
-        data.metrics["rlp/logprob_mismatch_max"] = mx[0].item()
 
     # -----------------------------------------------------------------------------------------
     # Phase 5: the update, through Megatron's train_step
@@ -236,9 +234,12 @@ class RLPStep:
     def update_batches(self, data: StepData, num_microbatches: int) -> RerunDataIterator:
         n = len(data.rollout.rows)
         fields = dict(tokens=data.tokens, position_ids=data.position_ids, labels=data.labels,
-                      thought_mask=data.thought_mask)
-        if data.old_logp is not None:  # last stage
-            fields.update(old_logp=data.old_logp, advantages=data.advantages)
+                      thought_mask=data.thought_mask, target_pos=data.target_pos)
+        if data.advantages is not None:  # last stage
+            fields.update(advantages=data.advantages, behaviour=data.behaviour,
+                          s_pred=data.s_pred)
+        self._update_logp = []
+        self._mismatch_max = None
         dp_size = mpu.get_data_parallel_world_size()
         # Per-thought loss sums are scaled so that Megatron's per-micro-batch averaging and DP
         # gradient averaging add up to (1 / global thoughts) Σ loss (see loss_func).
@@ -247,19 +248,34 @@ class RLPStep:
 
     def forward_step(self, data_iterator, model, return_schedule_plan: bool = False):
         mb = _to_device(next(data_iterator))
-        if self.fused:  # the model returns the labels' log-probs at T (last stage)
+        if self.fused:  # the model returns the labels' log-probs at T and S_pred (last stage)
             output = model(mb["tokens"], mb["position_ids"], None,
                            **_processor(self.request(labels=mb["labels"],
+                                                     target_pos=mb["target_pos"],
                                                      temperature=self.cfg.temperature)))
         else:
             output = model(mb["tokens"], mb["position_ids"], None)
         return output, partial(self.loss_func, mb)
 
     def loss_func(self, mb, output_tensor):
-        logp = output_tensor if self.fused else token_logprobs(
-            output_tensor, mb["labels"], self.cfg.temperature, self._vocab)
+        if self.fused:
+            logp, s_pred_tf = output_tensor[:, :-1], output_tensor[:, -1]
+        else:
+            logp = token_logprobs(output_tensor, mb["labels"], self.cfg.temperature, self._vocab)
+            with torch.no_grad():
+                s_pred_tf = token_logprobs(_at_target(output_tensor, mb), _target_labels(mb),
+                                           vocab=self._vocab)
+        # On-policy: θ_old = θ, so the old log-probs are these, detached (ρ ≡ 1).
+        old_logp = logp.detach()
+        self._update_logp.append(old_logp)
+        mask = mb["thought_mask"] > 0
+        mismatch = (old_logp - mb["behaviour"]).abs().masked_fill(~mask, 0.0)
+        s_pred_mismatch = (s_pred_tf.detach() - mb["s_pred"]).abs()
+        worst = torch.stack([mismatch.max(), s_pred_mismatch.max()])
+        self._mismatch_max = worst if self._mismatch_max is None else torch.maximum(
+            self._mismatch_max, worst)
         per_thought, has_tokens, sums = objective.per_thought_surrogate(
-            logp, mb["old_logp"], mb["advantages"], mb["thought_mask"],
+            logp, old_logp, mb["advantages"], mb["thought_mask"],
             self.cfg.clip_eps_low, self.cfg.clip_eps_high)
         loss_sum = (per_thought * has_tokens).sum()
         count = has_tokens.sum()
@@ -271,10 +287,26 @@ class RLPStep:
                 (sums["num_clipped_high"] + sums["num_clipped_low"]).float(),
                 sums["num_tokens"].float()]),
             "rlp/ratio": torch.stack([sums["ratio_sum"].float(), sums["num_tokens"].float()]),
+            "rlp/logprob_mismatch": torch.stack([mismatch.sum().float(), mask.sum().float()]),
+            "rlp/s_pred_mismatch": torch.stack([s_pred_mismatch.sum().float(),
+                                                torch.tensor(float(s_pred_mismatch.numel()),
+                                                             device=s_pred_mismatch.device)]),
         }
         if self.calculate_per_token_loss:
             return loss_sum, count.to(torch.int), report
         return loss_sum * self._loss_scale, torch.ones((), dtype=torch.int).cuda(), report
+
+
+    def finish_update(self, data: StepData) -> None:
+        """After the update (last stage): the update's log-probs as ``data.old_logp`` and the
+        largest decode/update differences over the data-parallel ranks."""
+        if not self._update_logp:
+            return
+        data.old_logp = torch.cat(self._update_logp).cpu()
+        worst = self._mismatch_max.double().clone()
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=mpu.get_data_parallel_group())
+        data.metrics["rlp/logprob_mismatch_max"] = worst[0].item()
+        data.metrics["rlp/s_pred_mismatch_max"] = worst[1].item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +357,11 @@ def _score_forward_step(data_iterator, model, temperature, vocab, step: RLPStep,
         return result
 
     return output, collect
+
+
+def _at_target(logits: torch.Tensor, mb: dict) -> torch.Tensor:
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, mb["target_pos"]]
 
 
 def _target_labels(mb: dict) -> torch.Tensor:

@@ -315,7 +315,6 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     t1 = time.perf_counter()
     data = StepData(samples=samples, rollout=rollout)
     step.layout(data)
-    step.score(model, data)
     step.score_teacher(model, data)
     if mpu.is_pipeline_last_stage():
         step.advantages(data)
@@ -323,6 +322,8 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     batches = step.update_batches(data, num_mb)
     out = orig_train_step(step.forward_step, batches, model, optimizer, scheduler, config,
                           forward_backward_func, iteration=iteration, **kwargs)
+    if mpu.is_pipeline_last_stage():
+        step.finish_update(data)
     t3 = time.perf_counter()
     if args.rlp_dump_rollouts:
         _dump_rollout(args.rlp_dump_rollouts, iteration + 1, data)
@@ -334,7 +335,7 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
         "rlp/thoughts_per_s": thoughts / (t1 - t0),
         "rlp/gen_tokens_per_s": gen_tokens / (t1 - t0),
         "rlp/time_rollout_s": t1 - t0,
-        "rlp/time_score_s": t2 - t1,
+        "rlp/time_teacher_s": t2 - t1,
         "rlp/time_update_s": t3 - t2,
     })
     run.last_step_flops = _rlp_flops(args, fed_tokens, contexts, logit_rows, step.fused)
@@ -345,24 +346,24 @@ def _rlp_flops(args, fed_tokens: float, contexts: float, logit_rows: float, fuse
     """FLOPs of one RLP step with Megatron's own per-sequence formula, split into the model body
     and the output projection (2·h·V per position and forward) so that each counts where it ran:
 
-    * body: update (fwd+bwd = 3 fwd) and scoring (fwd) over the global batch's rows, the teacher
-      forward over the contexts (rows padded to --seq-length, as computed), and the rollout's
-      forwards (every token fed: prefills and one token per row per decode step, finished rows
-      included);
-    * output projection: update over every position — fused, 4× (forward, the backward's
-      recomputation, and the two gradient GEMMs) instead of Megatron's 3× — and scoring over every
-      position; fused, the teacher at the one scored position per context and the rollout at the
-      positions whose logits it computed (the last of each forward); else at every position.
+    * body: update (fwd+bwd = 3 fwd) over the global batch's rows, the teacher forward over the
+      contexts (rows padded to --seq-length, as computed), and the rollout's forwards (every token
+      fed: prefills and one token per row per decode step, finished rows included);
+    * output projection: the update over every position — fused, 4× (forward, the backward's
+      recomputation, and the two gradient GEMMs) instead of Megatron's 3×, plus S_pred's position
+      once per row —, the teacher at the one scored position per context and the rollout at the
+      positions whose logits it computed (the last of each forward); through Megatron's output
+      layer (``--rlp-logprobs logits``) at every position of every forward.
     """
     seq = args.seq_length
     per_token_fwd = _ORIG_FLOPS(args, 1) / 3.0 / seq
     logit = 2.0 * args.hidden_size * args.padded_vocab_size
     body = per_token_fwd - logit
     rows = args.global_batch_size * seq
-    flops = body * (3 * rows + rows + contexts * seq + fed_tokens)
+    flops = body * (3 * rows + contexts * seq + fed_tokens)
     if fused:
-        return flops + logit * (4 * rows + rows + contexts + logit_rows)
-    return flops + logit * (3 * rows + rows + contexts * seq + fed_tokens)
+        return flops + logit * (4 * rows + args.global_batch_size + contexts + logit_rows)
+    return flops + logit * (3 * rows + contexts * seq + fed_tokens)
 
 
 def _dump_rollout(directory, iteration, data: StepData):

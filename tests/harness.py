@@ -91,5 +91,32 @@ def decode_vs_teacher_forcing(rollout: dict):
     return torch.cat(diffs)
 
 
+def load_plain(path) -> dict:
+    """The tensors of a dist checkpoint (e.g. gradients saved by tests/workers/rlp_run.py
+    --record-grads), in the global layout, loaded in this process."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    tensors = dist_checkpointing.load_plain_tensors(str(path))
+    return {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+
+
+def assert_same_gradients(dir_a, dir_b, iterations: int, name: str, tol: float = 1e-5) -> None:
+    """Gradients of every step (rlp_run.py --record-grads), compared in the global layout."""
+    for it in range(1, iterations + 1):
+        ga = load_plain(Path(dir_a) / "snapshots" / f"grads_iter{it}")
+        gb = load_plain(Path(dir_b) / "snapshots" / f"grads_iter{it}")
+        assert ga.keys() == gb.keys() and ga
+        worst = max((ga[k] - gb[k]).abs().max().item() for k in ga)
+        scale = max(v.abs().max().item() for v in ga.values())
+        print(f"{name} step {it}: max |grad diff| = {worst:.3g} (max |grad| {scale:.3g})")
+        assert scale > 1e-4 and worst <= tol, (name, it)
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -160,7 +160,7 @@ def test_sigterm_and_resume_reproduce_the_uninterrupted_run_bitwise(tmp_path):
     torchrun(2, ["-m", "rlp_megatron.train", *BASE, *run_flags(part)])
 
     timing = ("rlp/thoughts_per_s", "rlp/gen_tokens_per_s", "rlp/time_rollout_s",
-              "rlp/time_score_s", "rlp/time_update_s")
+              "rlp/time_teacher_s", "rlp/time_update_s")
     a = {m["iteration"]: m for m in read_jsonl(whole / "metrics.jsonl")}
     b = {m["iteration"]: m for m in read_jsonl(part / "metrics.jsonl")}  # later lines win
     assert sorted(b) == list(range(1, 7))

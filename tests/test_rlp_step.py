@@ -12,7 +12,8 @@ the rlp/* fields.
 import pytest
 import torch
 
-from harness import TINY_GPT, TRAIN_FLAGS, decode_vs_teacher_forcing, read_jsonl, torchrun
+from harness import (TINY_GPT, TRAIN_FLAGS, assert_same_gradients, decode_vs_teacher_forcing,
+                     read_jsonl, torchrun)
 from rlp_megatron import objective
 
 G, THOUGHT, ITERS, TAU = 4, 16, 3, 0.5
@@ -33,7 +34,8 @@ def runs(tmp_path_factory):
     for name, (nproc, extra) in LAYOUTS.items():
         out = tmp_path_factory.mktemp(f"rlp_{name}")
         proc = torchrun(nproc, [
-            "tests/workers/rlp_run.py", str(out / "snapshots"), *TINY_GPT, *TRAIN_FLAGS,
+            "tests/workers/rlp_run.py", str(out / "snapshots"), "--record-grads", *TINY_GPT,
+            *TRAIN_FLAGS,
             *RLP_FLAGS, *extra, "--rlp-metrics-file", str(out / "metrics.jsonl"),
             "--rlp-dump-rollouts", str(out / "rollouts"), "--tensorboard-dir", str(out / "tb")])
         results[name] = {
@@ -50,7 +52,7 @@ def test_iteration_line_has_rlp_fields(runs):
     assert len(lines) == ITERS
     for field in ("rlp/info_gain", "rlp/s_pred", "rlp/s_ema", "rlp/thought_len",
                   "rlp/closed_frac", "rlp/clip_frac", "rlp/thoughts_per_s",
-                  "rlp/gen_tokens_per_s", "rlp/time_rollout_s", "rlp/time_score_s",
+                  "rlp/gen_tokens_per_s", "rlp/time_rollout_s", "rlp/time_teacher_s",
                   "rlp/time_update_s"):
         assert all(field in l for l in lines), field
 
@@ -72,11 +74,12 @@ def test_rlp_metrics_reach_tensorboard(runs):
 @pytest.mark.slow
 def test_flops_count_is_the_rlp_steps_not_ntps(runs):
     """What --log-throughput and checkpoints get for an RLP step: the model body for the update
-    (3 fwd) and scoring (1 fwd) over the rows, the teacher over the contexts and one forward per
-    token fed to the rollout (prefill once per context, then one token per row per decode step);
-    the output projection (2·h·V per position) where it ran: with the fused kernels (TP=1) 4× over
-    the update's positions, 1× over scoring's, once per context for the teacher and once per
-    rollout forward row; through Megatron's output layer (TP=2) at every position fed."""
+    (3 fwd) over the rows, the teacher over the contexts and one forward per token fed to the
+    rollout (prefill once per context, then one token per row per decode step; no scoring
+    forward); the output projection (2·h·V per position) where it ran: with the fused kernels
+    (TP=1) 4× over the update's positions plus S_pred's once per row, once per context for the
+    teacher and once per rollout forward row; through Megatron's output layer (TP=2) at every
+    position fed."""
     seq_len, logit = 64, 2 * 64 * 128  # --seq-length; 2 · hidden · padded vocabulary
     for name in ("tp1", "tp2"):
         snaps = torch.load(runs[name]["dir"] / "snapshots" / "rank0.pt")
@@ -86,18 +89,20 @@ def test_flops_count_is_the_rlp_steps_not_ntps(runs):
             groups = sorted(set(r["groups"]))
             prompts = {g: p for g, p in zip(r["groups"], r["prompts"])}
             # One batch of whole groups: prefill the shortest prompt, then steps until every row
-            # is done (prompt tails are fed one token per step).
+            # has fed its prompt tail, its thought and (at the budget) a forced </think>, whose
+            # logits give S_pred.
             l_min = min(len(prompts[g]) for g in groups)
-            steps = max(len(p) + len(t) for p, t in zip(r["prompts"], r["thoughts"])) - l_min - 1
+            steps = max(len(p) + len(t) + (not c) for p, t, c in
+                        zip(r["prompts"], r["thoughts"], r["closed"])) - l_min
             fed = len(groups) * l_min + len(r["rows"]) * steps
             assert r["fed_tokens"] == fed
             rows = len(r["rows"]) * seq_len
-            expected = body * (4 * rows + len(groups) * seq_len + fed)
+            expected = body * (3 * rows + len(groups) * seq_len + fed)
             if name == "tp1":  # fused
                 assert r["logit_rows"] == len(groups) + len(r["rows"]) * steps
-                expected += logit * (5 * rows + len(groups) + r["logit_rows"])
+                expected += logit * (4 * rows + len(r["rows"]) + len(groups) + r["logit_rows"])
             else:
-                expected += logit * (4 * rows + len(groups) * seq_len + fed)
+                expected += logit * (3 * rows + len(groups) * seq_len + fed)
             assert reported == pytest.approx(expected, rel=1e-9)
             assert reported > 3 * fwd * len(r["rows"])  # more than NTP would claim
 
@@ -113,6 +118,13 @@ def test_tp2_matches_tp1_thoughts_rewards_and_loss(runs):
         assert a["iteration"] == b["iteration"]
         for key in ("rlp/loss", "rlp/info_gain", "rlp/s_pred", "rlp/s_ema", "rlp/thought_len"):
             assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_fused_logprobs_give_the_gradients_of_megatrons_output_layer(runs):
+    """TP=1 runs the fused kernels, TP=2 Megatron's output layer (--rlp-logprobs logits): the
+    same gradient at every step, in the global layout."""
+    assert_same_gradients(runs["tp1"]["dir"], runs["tp2"]["dir"], ITERS, "gpt fused vs logits")
 
 
 @pytest.mark.slow
@@ -165,15 +177,19 @@ def test_rewards_and_advantages_follow_the_paper(runs):
 
 @pytest.mark.slow
 def test_decode_logprobs_match_teacher_forcing(runs):
-    worst = 0.0
+    worst = worst_s = 0.0
     for r, m in zip(runs["tp1"]["rollouts"], runs["tp1"]["metrics"]):
         d = decode_vs_teacher_forcing(r)
         worst = max(worst, d.max().item())
         # The logged mismatch metric is this same quantity.
         assert m["rlp/logprob_mismatch"] == pytest.approx(d.mean().item(), abs=1e-9)
         assert m["rlp/logprob_mismatch_max"] == pytest.approx(d.max().item(), abs=1e-9)
-    print(f"max |decode - teacher forcing| log-prob = {worst:.3g}")
-    assert worst <= 1e-4
+        # S_pred comes from the rollout's decode step after </think>; the update's forward
+        # scores the same x_t by teacher forcing (an off-by-one position would cost nats).
+        assert m["rlp/s_pred_mismatch"] <= m["rlp/s_pred_mismatch_max"] + 1e-9
+        worst_s = max(worst_s, m["rlp/s_pred_mismatch_max"])
+    print(f"max |decode - teacher forcing| log-prob = {worst:.3g}, S_pred {worst_s:.3g}")
+    assert worst <= 1e-4 and worst_s <= 1e-4
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 
-from rlp_megatron.kernels.torch_logprobs import (
+from rlp_megatron.kernels.torch_logprobs import (  # noqa: F401  (fp32_matmul: re-exported)
+    fp32_matmul,
     fused_linear_logprobs_torch,
     vocab_parallel_logprobs_torch,
 )

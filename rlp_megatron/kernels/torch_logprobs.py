@@ -38,8 +38,9 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _OUT_DTYPE_MM = [True]  # torch.mm(..., out_dtype=) works here (CUDA); cleared on first failure
 
 
-def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 products and sums and an fp32 result, for any input dtypes."""
+def fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b [n, k] @ [k, m] with fp32 products and sums and an fp32 result, for any input dtypes
+    (bf16/fp16 CUDA operands stay in their dtype: tensor cores with an fp32 output)."""
     if (a.is_cuda and a.dtype == b.dtype and a.dtype in _LOW_PRECISION and _OUT_DTYPE_MM[0]):
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
@@ -199,7 +200,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         for rows in _chunks(h.shape[0], chunk_size):
             hc = h[rows]
             for cols in _chunks(weight.shape[0], vocab_chunk):
-                z, pad = _tile_logits(_mm32(hc, weight[cols].T), cols.start, vocab_start,
+                z, pad = _tile_logits(fp32_matmul(hc, weight[cols].T), cols.start, vocab_start,
                                       vocab_size, temperature)
                 stats.add(rows, z, pad, tgt[rows] - cols.start)
         lse, target_z, entropy_ = stats.merge(group)
@@ -225,12 +226,12 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             hc = h[rows]
             for cols in _chunks(weight.shape[0], vocab_chunk):
                 w = weight[cols]
-                d = _grad_logits(_mm32(hc, w.T), cols.start, tgt[rows], lse[rows], g[rows],
+                d = _grad_logits(fp32_matmul(hc, w.T), cols.start, tgt[rows], lse[rows], g[rows],
                                  vocab_start, vocab_size, temperature)
                 if need_h:
-                    grad_h[rows] += _mm32(d, w)
+                    grad_h[rows] += fp32_matmul(d, w)
                 if need_w:
-                    grad_w[cols] += _mm32(d.T, hc)
+                    grad_w[cols] += fp32_matmul(d.T, hc)
         if need_h and _tp_size(group) > 1:
             dist.all_reduce(grad_h, group=group)  # every shard's share of d logp / d hidden
         return (grad_h.to(hidden.dtype).reshape(hidden.shape) if need_h else None,

@@ -12,7 +12,12 @@ Per rollout batch (whole groups, sorted by prompt length so that lengths within 
    next prompt token (static batching: every row sits at the same position, which keeps both the
    KV cache and the Mamba recurrence exact without attention masks); a row past its prompt samples
    its next thought token (Gumbel-max over the vocab shards, :mod:`.sampling`) and stops at a
-   sampled ``</think>`` or after ``thought_length`` tokens.
+   sampled ``</think>`` or after ``thought_length`` tokens;
+4. S_pred: a thought's last token is fed as usual (plus a forced ``</think>`` when it hit the
+   budget), and the logits of that forward give S_pred = log p_θ(x_t | prompt, thought,
+   ``</think>``) at T = 1 — one more decode step instead of a teacher-forced scoring forward over
+   every row (decode ≡ teacher forcing is tested; the update logs the difference as
+   ``rlp/s_pred_mismatch``).
 
 With pipeline parallelism each step runs stage by stage (hidden states sent forward), the last
 stage samples, and only the sampled token ids (one int64 per row) go back to the other stages —
@@ -57,6 +62,7 @@ class Rollout:
     thoughts: list[list[int]]  # sampled tokens, including a sampled </think>
     closed: list[bool]  # ended with a sampled </think>
     behaviour_logprobs: list[torch.Tensor]  # one per thought, len == len(thought)
+    s_pred: list[float] = dataclasses.field(default_factory=list)  # last pipeline stage only
     fed_tokens: int = 0  # tokens run through the model: prefills + rows × decode steps
     logit_rows: int = 0  # positions whose logits were computed (fused: the last of each forward)
 
@@ -135,10 +141,22 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
     n_tok = torch.zeros(n_rows, dtype=torch.long, device=dev)
     closed = torch.zeros(n_rows, dtype=torch.bool, device=dev)
     done = torch.zeros(n_rows, dtype=torch.bool, device=dev)
+    targets = torch.tensor([s.target for s in samples], device=dev)[index]
+    s_pred = torch.zeros(n_rows, device=dev)
+    score_now = torch.zeros(n_rows, dtype=torch.bool, device=dev)  # `logits` predict x_t
+    scored = torch.zeros(n_rows, dtype=torch.bool, device=dev)
+    need_close = torch.zeros(n_rows, dtype=torch.bool, device=dev)  # feed a forced </think>
+    close = torch.full((n_rows,), cfg.think.close, dtype=torch.long, device=dev)
     pos = l_min  # position predicted by `logits`
     pad = torch.full((n_rows,), cfg.pad_id, dtype=torch.long, device=dev)
     while True:
-        # Fixed-shape masked updates: the only host sync per step is the `done` check below.
+        # Fixed-shape masked updates: the only host sync per step is the `scored` check below.
+        if is_last:  # S_pred = log p(x_t | prompt, thought, </think>) at T = 1
+            s_pred = torch.where(score_now, inference.token_logprobs(logits, targets, 1.0, vocab),
+                                 s_pred)
+        scored |= score_now
+        if bool(scored.all()):
+            break
         sampling_rows = (pos >= lengths) & ~done
         if is_last:
             # Noise keyed by the thought position u, not the absolute position.
@@ -154,18 +172,24 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
         thought.scatter_(1, u, torch.where(sampling_rows, tok, thought.gather(1, u)[:, 0])[:, None])
         logps.scatter_(1, u, torch.where(sampling_rows, lp, logps.gather(1, u)[:, 0])[:, None])
         n_tok += sampling_rows.long()
-        closed |= sampling_rows & (tok == cfg.think.close)
-        done |= closed | (n_tok >= cfg.thought_length)
-        if bool(done.all()):
-            break
+        closed_now = sampling_rows & (tok == cfg.think.close)
+        closed |= closed_now
+        finished = sampling_rows & (closed_now | (n_tok >= cfg.thought_length))
+        done |= finished
+        # A thought that ends with a sampled </think> is fed as usual and the next logits score
+        # x_t; one that hits the budget is fed its last token, then a forced </think>.
         prompt_tok = prompts[:, pos] if pos < l_max else pad
         next_tok = torch.where(sampling_rows, tok, torch.where(pos < lengths, prompt_tok, pad))
+        next_tok = torch.where(need_close, close, next_tok)
+        score_now = closed_now | need_close
+        need_close = finished & ~closed_now
         logits = inference.forward_with_cache(model, next_tok[:, None], ctx, pipeline, request)
         out.fed_tokens += n_rows
         out.logit_rows += n_rows
         pos += 1
 
     thought, logps, n_tok, closed = thought.cpu(), logps.cpu(), n_tok.cpu(), closed.cpu()
+    s_pred = s_pred.cpu()
     for i, (row, j) in enumerate(zip(rows.tolist(), index.tolist())):
         n = int(n_tok[i])
         out.rows.append(row)
@@ -173,3 +197,4 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
         out.thoughts.append(thought[i, :n].tolist())
         out.closed.append(bool(closed[i]))
         out.behaviour_logprobs.append(logps[i, :n].clone())
+        out.s_pred.append(float(s_pred[i]))

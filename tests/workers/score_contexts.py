@@ -8,6 +8,7 @@ Scoring goes through the same teacher-forward code the RLP step uses.
 """
 
 import sys
+from functools import partial
 
 import rlp_megatron  # noqa: F401
 import torch
@@ -16,7 +17,8 @@ from megatron.core import dist_checkpointing, mpu
 from megatron_setup import build_model
 from rlp_megatron import teacher
 from rlp_megatron.data import layout_rows
-from rlp_megatron.step import _forward_only, _micro_batches, _score_forward_step
+from rlp_megatron.arguments import RLPConfig
+from rlp_megatron.step import RLPStep, _forward_only, _micro_batches, _score_forward_step
 
 
 def main():
@@ -33,7 +35,14 @@ def main():
     mbs = 1
     batch = _micro_batches(dict(tokens=rows.tokens, position_ids=rows.position_ids,
                                 labels=rows.labels, target_pos=rows.target_pos), mbs)
-    score = lambda: _forward_only(model, batch, _score_forward_step_t1, args.seq_length, mbs)
+    from megatron.training import get_tokenizer
+
+    step = RLPStep(RLPConfig(), think=None, prompt_prefix=[], eod=0, seq_length=args.seq_length,
+                   micro_batch_size=mbs, calculate_per_token_loss=False,
+                   vocab_size=int(get_tokenizer().vocab_size))
+    forward_step = partial(_score_forward_step, temperature=1.0, need_logp=False,
+                           vocab=step.vocab(model), step=step)
+    score = lambda: _forward_only(model, batch, forward_step, args.seq_length, mbs)
     if which == "ema":
         ema = teacher.load_sidecar(model, iter_dir, decay=0.999)
         with ema.swapped_in():
@@ -44,10 +53,6 @@ def main():
             and mpu.get_data_parallel_rank() == 0:
         torch.save(torch.cat([o["s_target"] for o in out]), out_path)
     torch.distributed.barrier()
-
-
-def _score_forward_step_t1(data_iterator, model):
-    return _score_forward_step(data_iterator, model, temperature=1.0, need_logp=False)
 
 
 if __name__ == "__main__":
