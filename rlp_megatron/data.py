@@ -179,7 +179,8 @@ class RLPDataset(torch.utils.data.Dataset):
 
 @dataclasses.dataclass
 class Rows:
-    """Fixed-length rows (PP needs one shape) for a set of thoughts; all [n, seq_length]."""
+    """Rows of one width (PP needs one shape per step) for a set of thoughts; all [n, width]:
+    ``--seq-length``, or with ``trim`` the longest row's length."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -189,8 +190,10 @@ class Rows:
 
 
 def layout_rows(prompts: list[list[int]], thoughts: list[list[int]], closed: list[bool],
-                targets: list[int], think_close: int, seq_length: int, pad: int = 0) -> Rows:
-    """Lay out ``prompt + thought (+ forced </think>) + x_t`` per row, right-padded."""
+                targets: list[int], think_close: int, seq_length: int, pad: int = 0,
+                trim: bool = False) -> Rows:
+    """Lay out ``prompt + thought (+ forced </think>) + x_t`` per row, right-padded to
+    ``seq_length`` (with ``trim``: to the longest row, so no forward computes padding past it)."""
     n = len(prompts)
     tokens = torch.full((n, seq_length), pad, dtype=torch.long)
     labels = torch.full((n, seq_length), pad, dtype=torch.long)
@@ -213,5 +216,7 @@ def layout_rows(prompts: list[list[int]], thoughts: list[list[int]], closed: lis
         # labels[j] = seq[j + 1]: thought token u (0-based) sits at seq[p + u], i.e. label p + u - 1.
         thought_mask[i, p - 1 : p - 1 + len(thoughts[i])] = 1.0
         target_pos[i] = m - 1
-    position_ids = torch.arange(seq_length)[None].expand(n, seq_length).contiguous()
-    return Rows(tokens, labels, thought_mask, target_pos, position_ids)
+    width = int(target_pos.max()) + 1 if trim and n else seq_length
+    position_ids = torch.arange(width)[None].expand(n, width).contiguous()
+    return Rows(tokens[:, :width].contiguous(), labels[:, :width].contiguous(),
+                thought_mask[:, :width].contiguous(), target_pos, position_ids)

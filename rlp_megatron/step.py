@@ -61,6 +61,13 @@ class StepData:
     s_ema: torch.Tensor = None  # [n] (the row's group value)
     advantages: torch.Tensor = None  # [n]
     metrics: dict = dataclasses.field(default_factory=dict)
+    teacher_length: int = 0  # width of the teacher's rows (its longest context + 1)
+
+    @property
+    def length(self) -> int:
+        """Width of the update's rows: the longest row of this rank's step (the same on every
+        pipeline stage, which track the same thoughts), not --seq-length."""
+        return self.tokens.shape[1]
 
 
 class RLPStep:
@@ -150,7 +157,7 @@ class RLPStep:
         rows = layout_rows(
             prompts=[data.samples[g].prompt for g in r.groups], thoughts=r.thoughts,
             closed=r.closed, targets=[data.samples[g].target for g in r.groups],
-            think_close=self.think.close, seq_length=self.seq_length)
+            think_close=self.think.close, seq_length=self.seq_length, trim=True)
         data.tokens, data.labels = rows.tokens, rows.labels
         data.thought_mask, data.target_pos = rows.thought_mask, rows.target_pos
         data.position_ids = rows.position_ids
@@ -167,7 +174,7 @@ class RLPStep:
             dict(tokens=data.tokens, position_ids=data.position_ids, labels=data.labels,
                  target_pos=data.target_pos), self.micro_batch_size),
             partial(_score_forward_step, temperature=self.cfg.temperature,
-                    vocab=self.vocab(model), step=self), self.seq_length,
+                    vocab=self.vocab(model), step=self), data.length,
             self.micro_batch_size)
         if out is not None:
             data.old_logp = torch.cat([o["logp"] for o in out]).cpu() * data.thought_mask
@@ -180,7 +187,8 @@ class RLPStep:
         rows = layout_rows(prompts=contexts, thoughts=[[] for _ in groups],
                            closed=[True] * len(groups),
                            targets=[data.samples[g].target for g in groups],
-                           think_close=self.think.close, seq_length=self.seq_length)
+                           think_close=self.think.close, seq_length=self.seq_length, trim=True)
+        data.teacher_length = rows.tokens.shape[1]
         mbs = self.micro_batch_size
         pad = (-len(groups)) % mbs
         batch = dict(tokens=rows.tokens, position_ids=rows.position_ids, labels=rows.labels,
@@ -191,7 +199,7 @@ class RLPStep:
             out = _forward_only(model, _micro_batches(batch, mbs),
                                 partial(_score_forward_step, temperature=1.0, need_logp=False,
                                         vocab=self.vocab(model), step=self),
-                                self.seq_length, mbs)
+                                data.teacher_length, mbs)
         if out is not None:
             s_ema_group = torch.cat([o["s_target"] for o in out]).cpu()[: len(groups)]
             by_group = dict(zip(groups, s_ema_group.tolist()))

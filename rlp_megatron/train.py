@@ -320,17 +320,21 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
         step.advantages(data)
     t2 = time.perf_counter()
     batches = step.update_batches(data, num_mb)
-    out = orig_train_step(step.forward_step, batches, model, optimizer, scheduler, config,
-                          forward_backward_func, iteration=iteration, **kwargs)
+    with _seq_length(args, data.length):  # the schedule's (PP) shapes: the rows' width
+        out = orig_train_step(step.forward_step, batches, model, optimizer, scheduler, config,
+                              forward_backward_func, iteration=iteration, **kwargs)
     if mpu.is_pipeline_last_stage():
         step.finish_update(data)
     t3 = time.perf_counter()
     if args.rlp_dump_rollouts:
         _dump_rollout(args.rlp_dump_rollouts, iteration + 1, data)
-    totals = torch.tensor([len(rollout.rows), rollout.generated_tokens, rollout.fed_tokens,
-                           len(samples), rollout.logit_rows], dtype=torch.float64).cuda()
+    flops = _rlp_flops(args, rows=len(rollout.rows), length=data.length, contexts=len(samples),
+                       teacher_length=data.teacher_length, fed_tokens=rollout.fed_tokens,
+                       logit_rows=rollout.logit_rows, fused=step.fused)
+    totals = torch.tensor([len(rollout.rows), rollout.generated_tokens, flops],
+                          dtype=torch.float64).cuda()
     torch.distributed.all_reduce(totals, group=mpu.get_data_parallel_group())
-    thoughts, gen_tokens, fed_tokens, contexts, logit_rows = totals.tolist()
+    thoughts, gen_tokens, flops = totals.tolist()
     data.metrics.update({
         "rlp/thoughts_per_s": thoughts / (t1 - t0),
         "rlp/gen_tokens_per_s": gen_tokens / (t1 - t0),
@@ -338,32 +342,50 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
         "rlp/time_teacher_s": t2 - t1,
         "rlp/time_update_s": t3 - t2,
     })
-    run.last_step_flops = _rlp_flops(args, fed_tokens, contexts, logit_rows, step.fused)
+    run.last_step_flops = flops
     return out, data.metrics
 
 
-def _rlp_flops(args, fed_tokens: float, contexts: float, logit_rows: float, fused: bool) -> float:
-    """FLOPs of one RLP step with Megatron's own per-sequence formula, split into the model body
-    and the output projection (2·h·V per position and forward) so that each counts where it ran:
+@contextlib.contextmanager
+def _seq_length(args, length: int):
+    saved = args.seq_length
+    args.seq_length = length
+    try:
+        yield
+    finally:
+        args.seq_length = saved
 
-    * body: update (fwd+bwd = 3 fwd) over the global batch's rows, the teacher forward over the
-      contexts (rows padded to --seq-length, as computed), and the rollout's forwards (every token
-      fed: prefills and one token per row per decode step, finished rows included);
+
+def _per_sequence_fwd(args, length: int) -> float:
+    """Megatron's forward FLOPs of one sequence of ``length`` tokens (its formula: fwd+bwd = 3×)."""
+    with _seq_length(args, length):
+        return _ORIG_FLOPS(args, 1) / 3.0
+
+
+def _rlp_flops(args, *, rows: int, length: int, contexts: int, teacher_length: int,
+               fed_tokens: int, logit_rows: int, fused: bool) -> float:
+    """FLOPs this rank ran for one RLP step, with Megatron's own per-sequence formula at the
+    widths actually computed, split into the model body and the output projection (2·h·V per
+    position and forward) so that each counts where it ran:
+
+    * body: the update (fwd+bwd = 3 fwd) over this rank's rows at their width (the step's longest
+      row), the teacher forward over its contexts at theirs, and the rollout's forwards (every
+      token fed: prefills and one token per row per decode step, finished rows included; per
+      token as in a --seq-length sequence);
     * output projection: the update over every position — fused, 4× (forward, the backward's
       recomputation, and the two gradient GEMMs) instead of Megatron's 3×, plus S_pred's position
       once per row —, the teacher at the one scored position per context and the rollout at the
       positions whose logits it computed (the last of each forward); through Megatron's output
       layer (``--rlp-logprobs logits``) at every position of every forward.
     """
-    seq = args.seq_length
-    per_token_fwd = _ORIG_FLOPS(args, 1) / 3.0 / seq
     logit = 2.0 * args.hidden_size * args.padded_vocab_size
-    body = per_token_fwd - logit
-    rows = args.global_batch_size * seq
-    flops = body * (3 * rows + contexts * seq + fed_tokens)
-    if fused:
-        return flops + logit * (4 * rows + args.global_batch_size + contexts + logit_rows)
-    return flops + logit * (3 * rows + contexts * seq + fed_tokens)
+    update, teacher = _per_sequence_fwd(args, length), _per_sequence_fwd(args, teacher_length)
+    per_token = _per_sequence_fwd(args, args.seq_length) / args.seq_length
+    if not fused:
+        return 3 * rows * update + contexts * teacher + per_token * fed_tokens
+    body = (3 * rows * (update - logit * length) + contexts * (teacher - logit * teacher_length)
+            + (per_token - logit) * fed_tokens)
+    return body + logit * (4 * rows * length + rows + contexts + logit_rows)
 
 
 def _dump_rollout(directory, iteration, data: StepData):

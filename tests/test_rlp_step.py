@@ -73,19 +73,18 @@ def test_rlp_metrics_reach_tensorboard(runs):
 
 @pytest.mark.slow
 def test_flops_count_is_the_rlp_steps_not_ntps(runs):
-    """What --log-throughput and checkpoints get for an RLP step: the model body for the update
-    (3 fwd) over the rows, the teacher over the contexts and one forward per token fed to the
-    rollout (prefill once per context, then one token per row per decode step; no scoring
-    forward); the output projection (2·h·V per position) where it ran: with the fused kernels
-    (TP=1) 4× over the update's positions plus S_pred's once per row, once per context for the
-    teacher and once per rollout forward row; through Megatron's output layer (TP=2) at every
-    position fed."""
+    """What --log-throughput and checkpoints get for an RLP step, with Megatron's per-sequence
+    formula at the widths computed: the model body for the update (3 fwd) over the rows at the
+    step's longest row, the teacher over the contexts at the longest context, and one forward
+    per token fed to the rollout (prefill once per context, then one token per row per decode
+    step; no scoring forward); the output projection (2·h·V per position) where it ran: with the
+    fused kernels (TP=1) 4× over the update's positions plus S_pred's once per row, once per
+    context for the teacher and once per rollout forward row; through Megatron's output layer
+    (TP=2) at every position fed."""
     seq_len, logit = 64, 2 * 64 * 128  # --seq-length; 2 · hidden · padded vocabulary
     for name in ("tp1", "tp2"):
         snaps = torch.load(runs[name]["dir"] / "snapshots" / "rank0.pt")
-        for (reported, one_seq_ntp), r in zip(snaps["flops"], runs[name]["rollouts"]):
-            fwd = one_seq_ntp / 3  # Megatron's NTP count for one sequence: fwd + bwd = 3 fwd
-            body = fwd / seq_len - logit  # per token
+        for (reported, fwd), r in zip(snaps["flops"], runs[name]["rollouts"]):
             groups = sorted(set(r["groups"]))
             prompts = {g: p for g, p in zip(r["groups"], r["prompts"])}
             # One batch of whole groups: prefill the shortest prompt, then steps until every row
@@ -96,15 +95,23 @@ def test_flops_count_is_the_rlp_steps_not_ntps(runs):
                         zip(r["prompts"], r["thoughts"], r["closed"])) - l_min
             fed = len(groups) * l_min + len(r["rows"]) * steps
             assert r["fed_tokens"] == fed
-            rows = len(r["rows"]) * seq_len
-            expected = body * (3 * rows + len(groups) * seq_len + fed)
+            # Row widths: the longest update row; the longest context (the prompt without
+            # <think>) plus x_t for the teacher.
+            width = max(len(p) + len(t) + (not c) + 1 for p, t, c in
+                        zip(r["prompts"], r["thoughts"], r["closed"])) - 1
+            assert r["thought_mask"].shape[1] == width < seq_len
+            teacher_width = max(len(p) - 1 for p in prompts.values())
+            n, c = len(r["rows"]), len(groups)
             if name == "tp1":  # fused
-                assert r["logit_rows"] == len(groups) + len(r["rows"]) * steps
-                expected += logit * (4 * rows + len(r["rows"]) + len(groups) + r["logit_rows"])
+                assert r["logit_rows"] == c + n * steps
+                expected = (3 * n * (fwd[width] - logit * width)
+                            + c * (fwd[teacher_width] - logit * teacher_width)
+                            + (fwd[seq_len] / seq_len - logit) * fed
+                            + logit * (4 * n * width + n + c + r["logit_rows"]))
             else:
-                expected += logit * (3 * rows + len(groups) * seq_len + fed)
+                expected = 3 * n * fwd[width] + c * fwd[teacher_width] + fwd[seq_len] / seq_len * fed
             assert reported == pytest.approx(expected, rel=1e-9)
-            assert reported > 3 * fwd * len(r["rows"])  # more than NTP would claim
+            assert reported > 3 * fwd[width] * n  # more than the update alone
 
 
 @pytest.mark.slow

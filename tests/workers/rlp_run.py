@@ -96,8 +96,10 @@ def main():
             snaps["theta"].append(_params(model))
             teacher = run.rlp.teacher if run.rlp is not None else None
             snaps["phi"].append({n: t.clone() for n, t in teacher.ema.items()} if teacher else None)
+            # Megatron's forward FLOPs of one sequence of each length (its own formula).
+            per_seq = {n: train._per_sequence_fwd(args, n) for n in range(1, args.seq_length + 1)}
             snaps["flops"].append((mt_training.num_floating_point_operations(
-                args, args.global_batch_size), train._ORIG_FLOPS(args, 1)))
+                args, args.global_batch_size), per_seq))
             out.mkdir(parents=True, exist_ok=True)
             torch.save(snaps, out / f"rank{torch.distributed.get_rank()}.pt")
             return result
