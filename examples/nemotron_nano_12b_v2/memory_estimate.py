@@ -17,13 +17,27 @@ What one GPU holds, all the time ("static"), with P = parameters on this GPU (TP
   EMA         4 B·P   fp32 teacher φ, sharded like θ, replicated over DP (rlp_megatron/teacher.py)
   runtime     4 GiB   CUDA context, NCCL buffers, cuBLAS/TE workspaces (an assumption, not derived)
 
-and, on top of that, the largest of the phases of one RLP step (they do not overlap in time):
+and, on top of that, the largest of the three phases of one RLP step (rollout → teacher → update;
+they do not overlap in time; there is no scoring forward: S_pred comes from the rollout and the old
+log-probs are the update's own, rlp_megatron/step.py):
   rollout   R rows decoded together (--rlp-rollout-micro-batch-size): KV cache of the 6 attention layers
-            and the Mamba conv/SSM states of the 28 Mamba layers for R rows, plus the no-grad prefill
-            of the distinct contexts in the batch (rlp_megatron/rollout/generate.py)
-  score     teacher-forced θ forward, one micro-batch at a time, + the log-prob buffers (step.score)
-  teacher   φ swapped into the model: a bf16 backup of θ (2 B·P) + a forward (step.score_teacher)
-  update    activations of one micro-batch of --seq-length tokens with grad + the log-prob buffers
+            and the Mamba conv/SSM states of the 28 Mamba layers for R rows, the prefill cache of the
+            distinct contexts (alive while replicate_context copies it G-fold), the no-grad prefill of
+            those contexts, and the decode step's last-position logits + Gumbel-max buffers
+            (rlp_megatron/rollout/generate.py). Summed although the prefill's working set is freed
+            before the copy and the decode: an upper bound that also covers the caching allocator not
+            reusing the prefill's blocks for the decode cache.
+  teacher   φ swapped into the model: a bf16 backup of θ (2 B·P) + a no-grad forward of one micro-batch
+            of contexts (rows trimmed to the longest context, <= --rlp-context-length tokens) + S_EMA
+            at one position per row (step.score_teacher)
+  update    activations of one micro-batch with grad, its rows trimmed to the step's longest row on this
+            DP rank (worst case prompt + context + thought + 2 = 4098 tokens; --seq-length is only an
+            upper bound and does not enter), + one layer's backward + the fused log-prob kernel
+            (rlp_megatron/kernels/torch_logprobs.fused_linear_logprobs_torch, --rlp-logprobs fused)
+
+All three RLP forwards use the fused log-prob path (--rlp-logprobs fused, the default): no
+[tokens, V/TP] logits anywhere. --rlp-logprobs logits (Megatron's output layer in fp32) is not
+modelled. NTP iterations (--rlp-ntp-every) are not modelled either.
 """
 
 from __future__ import annotations
@@ -39,12 +53,31 @@ RUNTIME_GIB = 4.0  # assumption: CUDA context + NCCL + workspaces
 # The phase terms (prefill working set, activations) are the least certain: a layout is recommended
 # only if it still fits the target with its largest phase 25% above the estimate ("hi" column).
 PHASE_MARGIN = 1.25
-# Log-prob path (rlp_megatron/rollout/inference.token_logprobs over [mbs, S, V/TP] vocab-parallel
-# logits): the output layer's bf16 [S, b, V/TP] and HybridModel's transposed .contiguous() copy
-# (2 + 2 B, the first freed right after), .float() (4 B) and / temperature (4 B) → 10 B/element at
-# the peak; vocab_parallel_cross_entropy then works in place and keeps the fp32 softmax (4 B) for
-# backward, whose grad / T and .to(bf16) again briefly hold ~10 B/element.
-LOGPROB_BYTES_PER_ELEMENT = 10
+# Fused log-prob kernel (rlp_megatron/kernels/torch_logprobs._FusedLinearLogprobs; the GPU runs
+# this chunked PyTorch path too, there is no Triton fused-linear kernel): tokens in chunks of
+# --rlp-logprob-chunk-size, the vocabulary shard in tiles of at most 16384 ids, fp32 [chunk, tile]
+# temporaries. Forward, per tile: the fp32 GEMM output z and z / T (_tile_logits), then z / T,
+# z − max and exp(z − max) (_Partial.add) → 3 tiles at once; it saves only the hidden states (a
+# reference) and an fp32 [tokens] lse. Backward, per tile (_grad_logits): the recomputed GEMM
+# output, z / T, z − lse and its exp (then −exp), while the previous tile's d is still bound → 5
+# tiles at once; then d (1 tile) with the fp32 upcast of the bf16 weight tile [tile, H]
+# (fp32_matmul(d, w): mixed dtypes take the .float() path) or the [tile, H] fp32 product d.T @ h,
+# plus a [chunk, H] fp32 copy/product. Throughout the backward: the fp32 weight-grad accumulator
+# [V/TP, H] and the fp32 hidden-grad [tokens, H], both cast to bf16 at the end while the fp32 ones
+# (and the last d) are still alive. These counts were checked on CPU with an allocation tracker
+# (a TorchDispatchMode, CUDA's no-copy bf16 GEMM emulated): peaks within 0.2% of logprob_bytes.
+# The forward GEMM takes bf16 operands with an fp32 output (torch.mm(..., out_dtype=float32) on
+# CUDA); where that call is unavailable it falls back to fp32 copies of the weight tile and the
+# chunk, another 4·tile·H + 4·chunk·H bytes (320 MiB at H = 5120), not modelled.
+LOGPROB_CHUNK = 1024  # --rlp-logprob-chunk-size default
+VOCAB_TILE = 16384  # torch_logprobs._VOCAB_CHUNK
+FWD_TILES = 3
+BWD_TILES = 5
+# Decoding (rlp_megatron/logprobs.last_logits, rollout/sampling.gumbel_max_sample): the last
+# position's fp32 logits [rows, V/TP] (4 B/element; the prefill too, for its contexts), and while
+# sampling four float64 [rows, V/TP] buffers at once (u and the Gumbel noise, logits.double() / T
+# and the scores; uniform_noise's int64 hash temporaries peak at the same 32 B) → 36 B/element.
+DECODE_BYTES_PER_ELEMENT = 4 + 4 * 8
 MAMBA_CHUNK = 256  # chunk length of Mamba-2's chunked scan (mamba_ssm default)
 
 
@@ -149,7 +182,7 @@ class Model:
         raise ValueError(kind)
 
     def working_bytes_per_token(self, tp: int) -> float:
-        """Peak per-token memory of a no-grad forward through the widest layer (prefill/scoring):
+        """Peak per-token memory of a no-grad forward through the widest layer (prefill/teacher):
         residual in and out + norm output (replicated) + the layer's intermediates."""
         h = self.hidden
         mamba = (2 * self.d_in_proj + 2 * self.conv_dim + 2 * 2 * self.d_inner
@@ -163,11 +196,33 @@ class Model:
         return self.n_attn * 2 * (self.kv_groups / tp) * self.kv_channels * 2  # bf16 K and V
 
     def mamba_state_bytes(self, tp: int) -> float:
-        """conv state [conv_dim/TP, d_conv] + SSM state [heads/TP, head_dim, d_state], per layer,
-        in the weights' dtype (bf16): MambaMixer._get_states_from_cache."""
+        """conv state [conv_dim/TP, d_conv] in the weights' dtype (bf16, 2 B) + SSM state
+        [heads/TP, head_dim, d_state] in fp32 (4 B), per layer: rlp_megatron/rollout/inference.
+        new_context allocates the SSM state in fp32 whatever the parameters' dtype."""
         conv = self.conv_dim / tp * self.mamba_conv
         ssm = self.mamba_heads / tp * self.mamba_head_dim * self.mamba_state
-        return self.n_mamba * (conv + ssm) * 2
+        return self.n_mamba * (2 * conv + 4 * ssm)
+
+    # --- fused log-prob kernel (see FWD_TILES / BWD_TILES) ------------------------------------
+    def logprob_bytes(self, tokens: int, tp: int, mbs: int, grad: bool,
+                      chunk: int = LOGPROB_CHUNK) -> float:
+        """Peak of fused_linear_logprobs over `tokens` positions of this TP rank's vocab shard;
+        with `grad`, the larger of its forward and its backward (the backward runs first in the
+        model's backward, with every activation still alive)."""
+        h, v = self.hidden, self.vocab / tp
+        c, t = min(chunk, tokens), min(VOCAB_TILE, v)
+        tile = 4 * c * t
+        # hidden.reshape(-1, H) of the [b, s, H] transposed view copies it when b > 1
+        reshape = 2 * tokens * h if mbs > 1 else 0
+        fwd = FWD_TILES * tile + reshape
+        if not grad:
+            return fwd
+        accumulators = 4 * v * h + 4 * tokens * h  # fp32 grad of the weight shard and of hidden
+        bwd = accumulators + reshape + max(
+            BWD_TILES * tile,  # _grad_logits
+            tile + 4 * t * h + 4 * c * h,  # d, fp32 [tile, H] upcast / product, [chunk, H]
+            tile + 2 * v * h + 2 * tokens * h)  # the last d + the final .to(bf16) casts
+        return max(fwd, bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,12 +233,25 @@ class Job:
     thought_length: int = 2048
     context_length: int = 2048
     prompt_tokens: int = 0  # --rlp-prompt-file length
-    seq_length: int = 4224  # >= prompt + context + thought + 2 = 4098, rounded up to 128
+    # >= prompt + context + thought + 2 = 4098, rounded up to 128. Only an upper bound: the update's
+    # and the teacher's rows are trimmed to the step's longest row, so it does not enter the estimate.
+    seq_length: int = 4224
     global_batch_size: int = 8192  # rows (thoughts): the paper's 512 contexts × G=16
 
     @property
     def max_row_tokens(self):  # [p] context <think> thought </think> (x_t is only a label)
         return self.prompt_tokens + self.context_length + 1 + self.thought_length + 1
+
+    @property
+    def update_tokens(self):
+        """Width of the update's rows: the step's longest row on a DP rank. At the paper's batch a
+        rank holds 1024 rows, so one thought hitting the cap after a full context is likely: the
+        worst case is assumed."""
+        return self.max_row_tokens
+
+    @property
+    def teacher_tokens(self):  # the teacher's rows: context only (no prompt, no <think>)
+        return self.context_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,9 +277,8 @@ def estimate(m: Model, job: Job, lay: Layout) -> dict:
     dp = world // (lay.tp * lay.pp)
     rows_per_rank = job.global_batch_size // dp
     rows = rows_per_rank if lay.rollout_rows == 0 else min(lay.rollout_rows, rows_per_rank)
-    S, tp = job.seq_length, lay.tp
+    S, tp = job.update_tokens, lay.tp
     v_local = m.vocab / tp
-    logits_elems = lay.mbs * S * v_local
 
     worst = None
     for stage in range(lay.pp):
@@ -228,12 +295,13 @@ def estimate(m: Model, job: Job, lay: Layout) -> dict:
         widest = max(m.saved_bytes_per_token(c, tp, "none") for c in set(layers))
         act = in_flight * lay.mbs * S * per_tok
         backward_ws = lay.mbs * S * widest  # one layer's grads (or its recomputed activations)
-        logp = LOGPROB_BYTES_PER_ELEMENT * logits_elems if last else 0
+        # S_pred's one position per row runs under no_grad after the labels' pass: negligible.
+        logp = m.logprob_bytes(lay.mbs * S, tp, lay.mbs, grad=True) if last else 0
         update = act + backward_ws + logp
 
-        fwd_ws = lay.mbs * S * m.working_bytes_per_token(tp)
-        score = fwd_ws + logp
-        teacher = 2 * P + fwd_ws + (4 * logits_elems if last else 0)
+        teacher_ws = lay.mbs * job.teacher_tokens * m.working_bytes_per_token(tp)
+        s_ema = m.logprob_bytes(lay.mbs, tp, 1, grad=False) if last else 0  # [mbs, H] @ [H, V/TP]
+        teacher = 2 * P + teacher_ws + s_ema
 
         # rollout: how many distinct contexts a batch of `rows` holds on this rank. Megatron's
         # pretraining sampler gives rank r rows [r·mbs, (r+1)·mbs) of every mbs·DP block, so a
@@ -248,15 +316,18 @@ def estimate(m: Model, job: Job, lay: Layout) -> dict:
         # cache of `rows` rows; both exist until the copy is done.
         replicate = (kv + ssm) * contexts / max(1, rows)
         prefill = contexts * (job.prompt_tokens + job.context_length + 1) * m.working_bytes_per_token(tp)
-        rollout = kv + ssm + replicate + prefill
+        # last stage: the decode step's fp32 last-position logits + Gumbel-max float64 buffers
+        decode = DECODE_BYTES_PER_ELEMENT * rows * v_local if last else 0
+        rollout = kv + ssm + replicate + prefill + decode
 
-        phases = dict(rollout=rollout, score=score, teacher=teacher, update=update)
+        phases = dict(rollout=rollout, teacher=teacher, update=update)
         peak_phase = max(phases, key=phases.get)
         total = sum(static.values()) + phases[peak_phase]
         total_hi = sum(static.values()) + PHASE_MARGIN * phases[peak_phase]
         row = dict(stage=stage, dp=dp, P=P, static=static, phases=phases, peak_phase=peak_phase,
-                   total=total, total_hi=total_hi, act=act, logp=logp, kv=kv, ssm=ssm, prefill=prefill,
-                   contexts=contexts, rows=rows, rows_per_rank=rows_per_rank)
+                   total=total, total_hi=total_hi, act=act, backward_ws=backward_ws, logp=logp,
+                   kv=kv, ssm=ssm, replicate=replicate, prefill=prefill, decode=decode,
+                   teacher_ws=teacher_ws, contexts=contexts, rows=rows, rows_per_rank=rows_per_rank)
         if worst is None or total > worst["total"]:
             worst = row
     worst["fits"] = worst["total"] / GiB <= TARGET_GIB
@@ -303,13 +374,15 @@ def print_table(m: Model, job: Job, layouts: list[Layout]) -> list[tuple[Layout,
     print(f"job: {job.nodes} nodes × {job.gpus_per_node} GPUs, G={job.group_size}, thought "
           f"{job.thought_length}, context {job.context_length}, --seq-length {job.seq_length}, "
           f"--global-batch-size {job.global_batch_size} rows")
+    print(f"update rows: the step's longest row, worst case {job.update_tokens} tokens "
+          f"(not --seq-length); teacher rows: <= {job.teacher_tokens} context tokens")
     print(f"per row in the rollout cache (TP=1): KV {m.kv_bytes_per_token(1) / 1024:.0f} KiB/token "
           f"× {job.max_row_tokens} tokens = {m.kv_bytes_per_token(1) * job.max_row_tokens / 2**20:.0f} MiB, "
-          f"Mamba state {m.mamba_state_bytes(1) / 2**20:.1f} MiB (both ÷ TP)")
+          f"Mamba state {m.mamba_state_bytes(1) / 2**20:.1f} MiB (SSM fp32; both ÷ TP)")
     print("GiB per GPU (estimates). static = weights + grads + optimizer + EMA + runtime; "
           "total = static + the largest phase.")
     head = (f"{'TP':>2} {'PP':>2} {'DP':>3} {'mbs':>3} {'rows':>5} {'recompute':>9} | {'wts':>5} {'grad':>5} "
-            f"{'optim':>5} {'EMA':>5} {'static':>6} | {'rollout':>7} {'score':>5} {'teach':>5} "
+            f"{'optim':>5} {'EMA':>5} {'static':>6} | {'rollout':>7} {'teach':>5} "
             f"{'update':>6} | {'total':>5} {'hi':>5}  note")
     print(head)
     print("-" * len(head))
@@ -328,7 +401,7 @@ def print_table(m: Model, job: Job, layouts: list[Layout]) -> list[tuple[Layout,
         note.append(f"peak={e['peak_phase']}")
         print(f"{lay.tp:>2} {lay.pp:>2} {e['dp']:>3} {lay.mbs:>3} {rows_txt:>5} {lay.recompute:>9} | "
               f"{gib(s['weights'])} {gib(s['grads'])} {gib(s['optimizer'])} {gib(s['ema'])} "
-              f"{gib(sum(s.values())):>6} | {gib(p['rollout']):>7} {gib(p['score'])} "
+              f"{gib(sum(s.values())):>6} | {gib(p['rollout']):>7} "
               f"{gib(p['teacher'])} {gib(p['update']):>6} | {gib(e['total'])} {gib(e['total_hi'])}  "
               f"{', '.join(note)}")
     print("rows* = every row of the data-parallel rank decoded at once (--rlp-rollout-micro-batch-size 0); "
@@ -342,11 +415,20 @@ def breakdown(m: Model, job: Job, lay: Layout, e: dict) -> None:
     for k, v in e["static"].items():
         print(f"  {k:<26} {gib(v)}")
     print(f"  rollout: KV cache          {gib(e['kv'])}  ({e['rows']} rows × {job.max_row_tokens} tokens)")
-    print(f"  rollout: Mamba states      {gib(e['ssm'])}")
+    print(f"  rollout: Mamba states      {gib(e['ssm'])}  (conv bf16, SSM fp32)")
+    print(f"  rollout: prefill cache     {gib(e['replicate'])}  "
+          f"({e['contexts']} rows, alive while it is copied G-fold)")
     print(f"  rollout: prefill           {gib(e['prefill'])}  ({e['contexts']} distinct contexts × "
           f"{job.prompt_tokens + job.context_length + 1} tokens, no grad)")
-    print(f"  update: activations        {gib(e['act'])}  (mbs {lay.mbs} × {job.seq_length} tokens, recompute {lay.recompute})")
-    print(f"  update: log-prob buffers   {gib(e['logp'])}  ({LOGPROB_BYTES_PER_ELEMENT} B × mbs × seq × V/TP)")
+    print(f"  rollout: logits + sampling {gib(e['decode'])}  ({DECODE_BYTES_PER_ELEMENT} B × "
+          f"{e['rows']} rows × V/TP: fp32 last-position logits + float64 Gumbel-max buffers)")
+    print(f"  teacher: forward           {gib(e['teacher_ws'])}  (mbs {lay.mbs} × {job.teacher_tokens} "
+          f"context tokens, no grad; + the bf16 backup of θ)")
+    print(f"  update: activations        {gib(e['act'])}  (mbs {lay.mbs} × {job.update_tokens} tokens, "
+          f"recompute {lay.recompute})")
+    print(f"  update: one layer backward {gib(e['backward_ws'])}")
+    print(f"  update: fused log-probs    {gib(e['logp'])}  (backward: fp32 [V/TP, H] and [tokens, H] "
+          f"grad accumulators + fp32 [{LOGPROB_CHUNK} × {VOCAB_TILE}] tiles)")
     print(f"  peak phase                 {e['peak_phase']}: total {gib(e['total'])} of {HBM_GIB} "
           f"(target <= {TARGET_GIB:.0f}, headroom {TARGET_GIB - e['total'] / GiB:.1f}; "
           f"with the phase +{PHASE_MARGIN - 1:.0%}: {gib(e['total_hi']).strip()})")
@@ -384,7 +466,7 @@ def main(argv=None):
     try:
         lay, e = recommend(rows)
     except ValueError:
-        print("\nno candidate fits the target; use more nodes or a shorter --seq-length")
+        print("\nno candidate fits the target; use more nodes or a shorter thought/context")
         return
     print(f"\nrecommended: TP={lay.tp} PP={lay.pp} micro-batch {lay.mbs}, rollout micro-batch "
           f"{lay.rollout_rows} rows, recompute {lay.recompute}")
