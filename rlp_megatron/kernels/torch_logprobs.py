@@ -146,12 +146,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         lse, target_z, entropy_ = stats.merge(group)
         ctx.save_for_backward(logits, tgt, lse)
         ctx.cfg = (vocab_start, vocab_size, temperature, chunk_size)
-        logp = (target_z - lse).reshape(targets.shape)
-        if not entropy:
-            return logp
-        ent = entropy_.reshape(targets.shape)
-        ctx.mark_non_differentiable(ent)
-        return logp, ent
+        return _outputs(ctx, target_z - lse, entropy_, targets.shape)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
@@ -165,6 +160,15 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             grad[rows] = _grad_logits(x[rows], 0, tgt[rows], lse[rows], g[rows], vocab_start,
                                       vocab_size, temperature).to(grad.dtype)
         return grad.reshape(logits.shape), None, None, None, None, None, None, None
+
+
+def _outputs(ctx, logp, entropy, shape):
+    """logp, or (logp, entropy) with the entropy marked as having no gradient."""
+    if entropy is None:
+        return logp.reshape(shape)
+    entropy = entropy.reshape(shape)
+    ctx.mark_non_differentiable(entropy)
+    return logp.reshape(shape), entropy
 
 
 def _grad_logits(x, start, local_target, lse, g, vocab_start, vocab_size, temperature):
@@ -206,12 +210,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         lse, target_z, entropy_ = stats.merge(group)
         ctx.save_for_backward(hidden, weight, tgt, lse)
         ctx.cfg = (group, vocab_start, vocab_size, temperature, chunk_size, vocab_chunk)
-        logp = (target_z - lse).reshape(targets.shape)
-        if not entropy:
-            return logp
-        ent = entropy_.reshape(targets.shape)
-        ctx.mark_non_differentiable(ent)
-        return logp, ent
+        return _outputs(ctx, target_z - lse, entropy_, targets.shape)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
