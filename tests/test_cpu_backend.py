@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -125,6 +126,28 @@ def test_type_with_argument_still_converts():
     assert p.grad.type() == "torch.cuda.FloatTensor"
 
 
+def test_non_cuda_devices_and_other_keywords_pass_through():
+    assert torch.empty(2, device="meta").device.type == "meta"
+    assert torch.zeros(2, device=torch.device("cpu")).device.type == "cpu"
+    assert torch.arange(3.0).to("meta").device.type == "meta"
+    assert torch.zeros(2, device=0).device.type == "cpu"  # cached as CPU ...
+    assert cpu._map_device(False) is False  # ... which must not leak to False == 0
+    assert torch.nn.functional.softmax(torch.zeros(2), dim=0).tolist() == [0.5, 0.5]
+
+
+def test_unhashable_callable_through_the_mode():
+    class Scale:  # a torch-function API that is not hashable (defines __eq__ only)
+        def __eq__(self, other):
+            return self is other
+
+        def __call__(self, t, scale=1, device=None):
+            return t * scale, device
+
+    x = torch.ones(2)
+    out, device = torch.overrides.handle_torch_function(Scale(), (x,), x, scale=3, device="cuda")
+    assert out.tolist() == [3.0, 3.0] and device == torch.device("cpu")
+
+
 # --------------------------------------------------------------------------------------------
 # torch.cuda runtime
 
@@ -189,6 +212,85 @@ def test_megatron_rng_tracker_forks_and_restores_the_cpu_stream():
     inside_again, _ = forked_draws()
     assert torch.equal(inside, inside_again)  # the forked stream is reproducible from its seed
     assert not torch.equal(inside, after)
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron's jit_fuser fusions run eagerly (no inductor compile on the first iteration)
+
+
+def _compiled_in_megatron_modules():
+    found = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("megatron"):
+            continue
+        owners = [module] + [v for v in vars(module).values()
+                             if isinstance(v, type) and v.__module__ == name]
+        for owner in owners:
+            for attr, value in vars(owner).items():
+                value = value.__func__ if isinstance(value, staticmethod) else value
+                if (isinstance(value, types.FunctionType)
+                        and "_torchdynamo_orig_callable" in vars(value)):
+                    found.append(f"{name}:{getattr(owner, '__name__', '')}.{attr}")
+    return found
+
+
+def test_megatron_fusions_are_not_compiled_on_cpu():
+    from megatron.core import jit
+    from megatron.core.models.gpt import gpt_model  # noqa: F401  (what training imports)
+    from megatron.core.models.hybrid import hybrid_model  # noqa: F401
+
+    assert jit.jit_fuser is jit.noop_decorator
+    assert _compiled_in_megatron_modules() == []
+
+
+def test_bias_swiglu_fusion_runs_megatrons_function_eagerly():
+    """The fused code path is kept (Megatron's SwiGLUFunction and its hand-written backward),
+    without dynamo: no frame is compiled, and it computes bias + SwiGLU."""
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]["total"]
+    torch.manual_seed(0)
+    y = torch.randn(3, 2, 8, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+    out = bias_swiglu_impl(y, bias)
+    out.square().sum().backward()
+    y_ref, bias_ref = y.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    a, b = torch.chunk(y_ref + bias_ref, 2, -1)
+    ref = torch.nn.functional.silu(a) * b
+    ref.square().sum().backward()
+    assert counters["frames"]["total"] == frames
+    assert torch.equal(out, ref)
+    assert torch.allclose(y.grad, y_ref.grad, atol=1e-6)
+    assert torch.allclose(bias.grad, bias_ref.grad, atol=1e-6)
+
+
+def test_already_imported_compiled_functions_are_rebound(monkeypatch):
+    name = "megatron._rlp_test_fusions"
+    module = types.ModuleType(name)
+
+    def double(x):
+        return x * 2
+
+    def plus_one(self, x):
+        return x + 1
+
+    def minus_one(x):
+        return x - 1
+
+    holder = type("Holder", (), {"__module__": name, "plus_one": torch.compile(plus_one),
+                                 "minus_one": staticmethod(torch.compile(minus_one))})
+    module.double, module.Holder = torch.compile(torch.compile(double)), holder
+    monkeypatch.setitem(sys.modules, name, module)
+
+    monkeypatch.setenv("RLP_MEGATRON_CPU_COMPILE_FUSIONS", "1")  # the switch back to compiling
+    assert cpu._eager_megatron_fusions() == 0 and module.double is not double
+    monkeypatch.delenv("RLP_MEGATRON_CPU_COMPILE_FUSIONS")
+    assert cpu._eager_megatron_fusions() == 3
+    assert module.double is double and holder.__dict__["plus_one"] is plus_one
+    assert holder.__dict__["minus_one"].__func__ is minus_one
+    assert holder().plus_one(1) == 2 and holder.minus_one(1) == 0
+    assert cpu._eager_megatron_fusions() == 0  # idempotent
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,11 +10,19 @@ instead of re-implementing any Megatron code path:
    ``param.type() == "torch.cuda.FloatTensor"``. A mode is off while it handles a call, so when
    ``Tensor.backward`` / ``torch.autograd.backward`` / ``.grad`` come through it the autograd engine
    is run with the mode on again: backward code (activation recompute, grad hooks) is covered too.
+   Every torch call (property reads included) passes through the mode, so it rewrites only what
+   needs it: a handful of tensor methods found by one dict lookup, ``device=`` / ``pin_memory=``
+   keywords; anything else is forwarded untouched. What is left is torch's own C++ dispatch into a
+   Python mode, ~4–5 µs a call on these machines (~500 calls per tiny GPT training iteration,
+   ~10% of it); ``benchmarks/cpu_backend_overhead.py`` measures it.
 2. The ``torch.cuda`` runtime API: RNG state (mapped onto the CPU default generator, so Megatron's
    model-parallel RNG tracker forks and restores the CPU stream exactly as it would the CUDA one),
    streams, events (timed with ``perf_counter``), device properties, memory statistics.
 3. Megatron-level CUDA assumptions: ``initialize_megatron`` refuses to start without CUDA and
-   warms up ``torch.compile`` fusions (~27 s per process); the inference stack asserts
+   warms up ``torch.compile`` fusions (~27 s per process), and each ``jit_fuser`` fusion
+   (bias-SwiGLU, squared ReLU, ...) is an inductor compile at its first call (the first tiny GPT
+   iteration took ~2.4 s instead of ~0.1 s): they run eagerly, the same functions with bitwise
+   the same results (:func:`_eager_megatron_fusions`); the inference stack asserts
    ``tensor.is_cuda`` on pipeline sends and uses flash-attention / Triton kernels; the Mamba mixer
    needs mamba-ssm / causal-conv1d kernels (routed to :mod:`rlp_megatron.backends.mamba_torch`).
 
@@ -44,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 import types
@@ -77,8 +86,22 @@ def _is_cuda_device(device) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+# What the mode passes on for each device argument seen (torch.device, str, int or None; bools are
+# never looked up: False == 0). Reading ``torch.device.type`` costs ~1 µs, a dict hit ~0.1 µs.
+_DEVICE_MAP: dict = {}
+_DEVICE_KEY_TYPES = frozenset({torch.device, str, int, type(None)})
+
+
 def _map_device(device):
-    return _CPU if _is_cuda_device(device) else device
+    cacheable = device.__class__ in _DEVICE_KEY_TYPES
+    if cacheable:
+        mapped = _DEVICE_MAP.get(device, _DEVICE_MAP)
+        if mapped is not _DEVICE_MAP:
+            return mapped
+    mapped = _CPU if _is_cuda_device(device) else device
+    if cacheable and len(_DEVICE_MAP) < 64:
+        _DEVICE_MAP[device] = mapped
+    return mapped
 
 
 # Torch functions whose body runs Python code of the model: a backward pass runs the backward of
@@ -89,8 +112,79 @@ _AUTOGRAD_ENTRY_POINTS = frozenset(
 _TLS = threading.local()
 
 
+def _cpu_kwargs(kwargs: dict) -> dict:
+    """The call's keyword arguments with a CUDA ``device`` mapped to CPU and ``pin_memory`` off
+    (rewritten in place: the dict is the one built for this call)."""
+    if "device" in kwargs:
+        kwargs["device"] = _map_device(kwargs["device"])
+    if "pin_memory" in kwargs:
+        kwargs["pin_memory"] = False
+    return kwargs
+
+
+def _call_remapped(func, args, kwargs):
+    if kwargs:
+        return func(*args, **_cpu_kwargs(kwargs))
+    return func(*args)
+
+
+def _autograd_entry(func, args, kwargs):
+    pending = getattr(_TLS, "remode_engine", False)
+    _TLS.remode_engine = True
+    try:
+        return func(*args, **(kwargs or {}))
+    finally:
+        _TLS.remode_engine = pending
+
+
+def _tensor_cuda(func, args, kwargs):
+    return args[0]
+
+
+def _tensor_pin_memory(func, args, kwargs):
+    return args[0]
+
+
+def _tensor_is_pinned(func, args, kwargs):
+    return False
+
+
+def _tensor_type(func, args, kwargs):
+    if len(args) == 1 and not kwargs:
+        name = func(*args)
+        return _CUDA_TYPE.get(name, name)
+    return _call_remapped(func, args, kwargs)
+
+
+def _tensor_to(func, args, kwargs):
+    if len(args) > 1:
+        first = args[1]
+        if isinstance(first, (str, torch.device, int)) and not isinstance(first, bool):
+            args = (args[0], _map_device(first), *args[2:])
+    return _call_remapped(func, args, kwargs)
+
+
+# The only functions whose positional arguments or result the mode changes; every other call is
+# remapped by its keyword arguments alone (factories take ``device`` / ``pin_memory`` by keyword).
+_HANDLERS = {
+    **{func: _autograd_entry for func in _AUTOGRAD_ENTRY_POINTS},
+    torch.Tensor.cuda: _tensor_cuda,
+    torch.Tensor.pin_memory: _tensor_pin_memory,
+    torch.Tensor.is_pinned: _tensor_is_pinned,
+    torch.Tensor.type: _tensor_type,
+    torch.Tensor.to: _tensor_to,
+}
+_handler_of = _HANDLERS.get
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA placement requests to CPU for every torch function call.
+
+    Every torch call of the process (tensor methods and property reads included) comes through
+    ``__torch_function__`` while the mode is on, so its common path is kept to one dict lookup and
+    a keyword check: only the functions in ``_HANDLERS`` and calls passing ``device=`` /
+    ``pin_memory=`` are rewritten; anything else is forwarded untouched (no kwargs dict is built
+    for calls that had none). ``benchmarks/cpu_backend_overhead.py`` measures what is left.
 
     A mode is popped while its ``__torch_function__`` runs, so the body of a function it handles
     runs outside it. For the autograd entry points that body is the whole backward pass: the
@@ -100,30 +194,19 @@ class CudaToCpuMode(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _AUTOGRAD_ENTRY_POINTS:
-            pending = getattr(_TLS, "remode_engine", False)
-            _TLS.remode_engine = True
-            try:
-                return func(*args, **kwargs)
-            finally:
-                _TLS.remode_engine = pending
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.pin_memory or func is torch.Tensor.is_pinned:
-            return args[0] if func is torch.Tensor.pin_memory else False
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return _CUDA_TYPE.get(name, name)
-        if "device" in kwargs:
-            kwargs["device"] = _map_device(kwargs["device"])
-        if "pin_memory" in kwargs:
-            kwargs["pin_memory"] = False
-        if func is torch.Tensor.to and len(args) > 1:
-            first = args[1]
-            if isinstance(first, (str, torch.device, int)) and not isinstance(first, bool):
-                args = (args[0], _map_device(first), *args[2:])
-        return func(*args, **kwargs)
+        try:
+            handler = _handler_of(func)
+        except TypeError:  # an unhashable callable: not one of ours
+            handler = None
+        if handler is not None:
+            return handler(func, args, kwargs)
+        if kwargs:
+            if "device" in kwargs:
+                kwargs["device"] = _map_device(kwargs["device"])
+            if "pin_memory" in kwargs:
+                kwargs["pin_memory"] = False
+            return func(*args, **kwargs)
+        return func(*args)
 
 
 def _patch_autograd_engine():
@@ -398,6 +481,49 @@ def _patch_torch_cuda():
 # Megatron-level patches.
 
 
+def _eager_megatron_fusions() -> int:
+    """Run Megatron's ``jit_fuser`` fusions eagerly: the same Python functions, not compiled.
+
+    ``megatron.core.jit.jit_fuser`` is ``torch.compile``; on CPU the first call of each fusion
+    (bias-SwiGLU in the tiny GPT, squared-ReLU in the hybrid, L2 norm, ...) is an inductor C++
+    compile of several seconds, and the first iteration costs many steady ones. Megatron's own
+    switch for this, ``megatron.core.jit.disable_jit_fuser()`` (``--disable-jit-fuser``), only
+    affects modules imported after it, while ``import megatron.core`` already decorates the
+    fusions. So: flip that switch, then rebind every ``torch.compile`` wrapper that an imported
+    ``megatron.*`` module (or a class in it) holds to the function it wraps. Megatron keeps its
+    fused code paths (``bias_swiglu_impl`` and its autograd Function, ...); only the compile goes.
+    ``RLP_MEGATRON_CPU_COMPILE_FUSIONS=1`` keeps them compiled. Returns how many were rebound.
+    """
+    if os.environ.get("RLP_MEGATRON_CPU_COMPILE_FUSIONS", "0") == "1":
+        return 0
+    from megatron.core import jit
+
+    jit.disable_jit_fuser()
+
+    def unwrapped(value):
+        inner = value
+        while isinstance(inner, types.FunctionType) and "_torchdynamo_orig_callable" in vars(inner):
+            inner = vars(inner)["_torchdynamo_orig_callable"]
+        return inner
+
+    rebound = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "megatron" or name.startswith("megatron.")):
+            continue
+        owners = [module]
+        owners += [v for k, v in vars(module).items()
+                   if isinstance(v, type) and v.__module__ == name]
+        for owner in owners:
+            for attr, value in list(vars(owner).items()):
+                wrapped = value.__func__ if isinstance(value, staticmethod) else value
+                inner = unwrapped(wrapped)
+                if inner is wrapped:
+                    continue
+                setattr(owner, attr, staticmethod(inner) if wrapped is not value else inner)
+                rebound += 1
+    return rebound
+
+
 def _patch_megatron():
     from megatron.core.tensor_parallel import random as tp_random
 
@@ -439,7 +565,8 @@ def _patch_megatron():
         mt_training.initialize_megatron = initialize_megatron
 
     def set_jit_fusion_options(tp_size=None):
-        # The fusion warm-up is a torch.compile of CUDA kernels; on CPU it costs ~27 s a process.
+        # The fusion warm-up is a torch.compile of CUDA kernels; on CPU it costs ~27 s a process
+        # (and the fusions run eagerly on CPU anyway: _eager_megatron_fusions).
         pass
 
     mt_initialize.set_jit_fusion_options = set_jit_fusion_options
@@ -448,6 +575,7 @@ def _patch_megatron():
     from rlp_megatron.backends import mamba_torch
 
     mamba_torch.install()
+    _eager_megatron_fusions()
 
 
 def enable_cpu_backend(force: bool = False) -> bool:
