@@ -292,3 +292,19 @@ def test_triton_kernels_compile_for_hopper():
         compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         assert compiled.asm["cubin"]
+
+
+def test_auto_uses_triton_only_for_cuda_tensors_and_the_env_var_forces_torch(monkeypatch):
+    from rlp_megatron import kernels
+
+    cuda_like = type("T", (), {"is_cuda": True})()
+    cpu_like = type("T", (), {"is_cuda": False})()
+    name = "vocab_parallel_logprobs_triton"
+    assert kernels._pick("auto", cpu_like, name) is None
+    assert kernels._pick("torch", cuda_like, name) is None
+    assert kernels._pick("auto", cuda_like, name) is kernels._triton_module().__dict__[name]
+    monkeypatch.setenv("RLP_MEGATRON_LOGPROB_IMPL", "torch")
+    assert kernels._pick("auto", cuda_like, name) is None
+    with pytest.raises(ValueError):
+        kernels._pick("fast", cpu_like, name)
+

@@ -8,13 +8,15 @@
 
 ``impl``: ``"torch"`` (chunked PyTorch, :mod:`.torch_logprobs`: the reference and the CPU path),
 ``"triton"`` (:mod:`.triton_logprobs`, GPU; also runs under ``TRITON_INTERPRET=1``), ``"auto"``
-(Triton for CUDA tensors when Triton imports, else PyTorch). See the implementation modules for
+(Triton for CUDA tensors when Triton imports, else PyTorch; ``RLP_MEGATRON_LOGPROB_IMPL=torch``
+makes ``auto`` mean PyTorch everywhere, e.g. to rule the Triton kernels out on a new GPU). See the implementation modules for
 the numerics and for why we wrote these rather than adopting a library kernel.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 from rlp_megatron.kernels.torch_logprobs import (  # noqa: F401  (fp32_matmul: re-exported)
     fp32_matmul,
@@ -37,6 +39,8 @@ def _triton_module():
 def _pick(impl: str, tensor, name: str):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto" and os.environ.get("RLP_MEGATRON_LOGPROB_IMPL", "auto") == "torch":
+        impl = "torch"
     if impl == "torch":
         return None
     module = _triton_module()
