@@ -221,16 +221,20 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        for rows in _chunks(h.shape[0], chunk_size):
-            hc = h[rows]
-            for cols in _chunks(weight.shape[0], vocab_chunk):
-                w = weight[cols]
+        # Vocabulary tiles outside: the fp32 copy of a weight tile (for the two gradient GEMMs,
+        # whose other operand is the fp32 gradient of the logits) is made once per tile.
+        for cols in _chunks(weight.shape[0], vocab_chunk):
+            w = weight[cols]
+            w32 = w.float()
+            for rows in _chunks(h.shape[0], chunk_size):
+                hc = h[rows]
                 d = _grad_logits(fp32_matmul(hc, w.T), cols.start, tgt[rows], lse[rows], g[rows],
                                  vocab_start, vocab_size, temperature)
                 if need_h:
-                    grad_h[rows] += fp32_matmul(d, w)
+                    grad_h[rows] += d @ w32
                 if need_w:
                     grad_w[cols] += fp32_matmul(d.T, hc)
+                del d
         if need_h and _tp_size(group) > 1:
             dist.all_reduce(grad_h, group=group)  # every shard's share of d logp / d hidden
         return (grad_h.to(hidden.dtype).reshape(hidden.shape) if need_h else None,
