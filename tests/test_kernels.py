@@ -41,7 +41,7 @@ def make_targets(shape, vocab_size, gen, shard=V // 2):
     return t
 
 
-def close(a, b, atol=ATOL, rtol=0.0, what=""):
+def assert_close(a, b, atol=ATOL, rtol=0.0, what=""):
     err = (a.double() - b.double()).abs()
     bound = atol + rtol * b.double().abs()
     assert bool((err <= bound).all()), f"{what}: max err {err.max():.3g}, max excess " \
@@ -67,9 +67,9 @@ def test_vocab_parallel_logprobs_equal_reference(shape, vocab_size, temperature)
     z64 = z.detach().double().requires_grad_()
     ref, ref_ent = reference(z64, t, vocab_size, temperature)
     (ref * g.double()).sum().backward()
-    close(logp, ref, what="logp")
-    close(ent, ref_ent, what="entropy")
-    close(z.grad, z64.grad, what="dlogits")
+    assert_close(logp, ref, what="logp")
+    assert_close(ent, ref_ent, what="entropy")
+    assert_close(z.grad, z64.grad, what="dlogits")
     assert bool((z.grad[..., vocab_size:] == 0).all())
 
 
@@ -91,10 +91,10 @@ def test_fused_linear_logprobs_equal_reference(shape, vocab_size, temperature, v
     h64, w64 = (x.detach().double().requires_grad_() for x in (h, w))
     ref, ref_ent = reference(h64 @ w64.T, t, vocab_size, temperature)
     (ref * g.double()).sum().backward()
-    close(logp, ref, what="logp")
-    close(ent, ref_ent, what="entropy")
-    close(h.grad, h64.grad, what="dhidden")
-    close(w.grad, w64.grad, what="dweight")
+    assert_close(logp, ref, what="logp")
+    assert_close(ent, ref_ent, what="entropy")
+    assert_close(h.grad, h64.grad, what="dhidden")
+    assert_close(w.grad, w64.grad, what="dweight")
 
 
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
@@ -108,10 +108,10 @@ def test_entropy_has_no_cancellation_at_large_logits(offset):
     t = torch.randint(0, 1000, (16,), generator=gen)
     _, ref_ent = reference(z.double(), t, 1000, 1.0)
     _, ent = vocab_parallel_logprobs(z, t, return_entropy=True, impl="torch")
-    close(ent, ref_ent, what="entropy")
+    assert_close(ent, ref_ent, what="entropy")
     eye = torch.eye(1000)  # the fused path: hidden = z, weight = I, 3 vocab tiles of 400
     _, ent = fused_linear_logprobs_torch(z, eye, t, return_entropy=True, vocab_chunk=400)
-    close(ent, ref_ent, what="fused entropy")
+    assert_close(ent, ref_ent, what="fused entropy")
 
 
 def test_bf16_inputs_have_fp32_accuracy():
@@ -138,9 +138,9 @@ def test_bf16_inputs_have_fp32_accuracy():
     ref, ref_ent = reference(z64, t, vocab_size, temperature)
     (ref * g.double()).sum().backward()
     bound = (4 * z64.detach().abs().max().item() / temperature + 2 * V) * U
-    close(logp, ref, atol=bound, what="bf16 logp")
-    close(ent, ref_ent, atol=bound, what="bf16 entropy")
-    close(z.grad, z64.grad, atol=1e-5 * z64.grad.abs().max().item(), rtol=2 ** -8, what="bf16 dz")
+    assert_close(logp, ref, atol=bound, what="bf16 logp")
+    assert_close(ent, ref_ent, atol=bound, what="bf16 entropy")
+    assert_close(z.grad, z64.grad, atol=1e-5 * z64.grad.abs().max().item(), rtol=2 ** -8, what="bf16 dz")
 
     h = (torch.randn(*shape, H, generator=gen) * 2).bfloat16().requires_grad_()
     w = (torch.randn(V, H, generator=gen) * 2).bfloat16().requires_grad_()
@@ -154,10 +154,10 @@ def test_bf16_inputs_have_fp32_accuracy():
     (ref * g.double()).sum().backward()
     dot_err = H * U * (h64.detach().abs() @ w64.detach().abs().T).max().item() / temperature
     bound = (4 * z64.detach().abs().max().item() / temperature + 2 * V) * U + 2 * dot_err
-    close(logp, ref, atol=bound, what="bf16 fused logp")
-    close(ent, ref_ent, atol=bound, what="bf16 fused entropy")
+    assert_close(logp, ref, atol=bound, what="bf16 fused logp")
+    assert_close(ent, ref_ent, atol=bound, what="bf16 fused entropy")
     for got, want, name in ((h.grad, h64.grad, "dhidden"), (w.grad, w64.grad, "dweight")):
-        close(got, want, atol=1e-5 * want.abs().max().item(), rtol=2 ** -8, what=f"bf16 {name}")
+        assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=2 ** -8, what=f"bf16 {name}")
     # What the bf16 output layer would give: the bound above is far below its error.
     rounded, _ = reference((h64 @ w64.T).detach().bfloat16(), t, vocab_size, temperature)
     assert (rounded - ref).abs().max().item() > 100 * bound
@@ -167,7 +167,7 @@ def test_bf16_inputs_have_fp32_accuracy():
 # TP = 2 over gloo (PyTorch and Triton-interpreter paths), and Triton vs PyTorch at TP = 1.
 
 
-def _tp2_worker(rank, port):
+def _tp2_worker(rank, port, done_dir):
     # TRITON_INTERPRET=1 came from the parent's environment: Triton reads it when a kernel is
     # decorated, including its own tl.* helpers at `import triton` (which Megatron's import does).
     from rlp_megatron.kernels import triton_logprobs
@@ -206,12 +206,12 @@ def _tp2_worker(rank, port):
                 z = full[..., cols].clone().requires_grad_()
                 logp, ent = vocab_parallel_logprobs(z, t, group, impl=impl, **kw)
                 (logp * g).sum().backward()
-                close(logp, ref, what=f"{case} {impl} logp")
-                close(ent, ref_ent, what=f"{case} {impl} entropy")
-                close(z.grad, z64.grad[..., cols], what=f"{case} {impl} dlogits")
+                assert_close(logp, ref, what=f"{case} {impl} logp")
+                assert_close(ent, ref_ent, what=f"{case} {impl} entropy")
+                assert_close(z.grad, z64.grad[..., cols], what=f"{case} {impl} dlogits")
                 grads[impl] = (logp, ent, z.grad)
             for a, b, name in zip(grads["torch"], grads["triton"], ("logp", "entropy", "dz")):
-                close(a, b, what=f"{case} triton vs torch {name}")
+                assert_close(a, b, what=f"{case} triton vs torch {name}")
 
             # Fused: hidden replicated over TP, weight sharded; d hidden must be the FULL
             # gradient (every shard's share), not this shard's.
@@ -219,10 +219,10 @@ def _tp2_worker(rank, port):
             w = w_full[cols].clone().requires_grad_()
             logp, ent = fused_linear_logprobs(h, w, t, group, chunk_size=4, impl="torch", **kw)
             (logp * g).sum().backward()
-            close(logp, fref, what=f"{case} fused logp")
-            close(ent, fref_ent, what=f"{case} fused entropy")
-            close(h.grad, h64.grad, what=f"{case} fused dhidden")
-            close(w.grad, w64.grad[cols], what=f"{case} fused dweight")
+            assert_close(logp, fref, what=f"{case} fused logp")
+            assert_close(ent, fref_ent, what=f"{case} fused entropy")
+            assert_close(h.grad, h64.grad, what=f"{case} fused dhidden")
+            assert_close(w.grad, w64.grad[cols], what=f"{case} fused dweight")
 
         if rank == 0:  # Triton at TP = 1 (no group), several splits per row, fp32 and bf16
             gen = torch.Generator().manual_seed(5)
@@ -245,12 +245,13 @@ def _tp2_worker(rank, port):
                 for a, b, name in zip(*outs, ("logp", "entropy", "dz")):
                     # dz in bf16: both round the same fp32 value to bf16, up to 1 ulp apart.
                     rtol = 2 ** -7 if (name == "dz" and dtype == torch.bfloat16) else 0.0
-                    close(a, b, rtol=rtol, what=f"TP=1 {dtype} triton vs torch {name}")
+                    assert_close(a, b, rtol=rtol, what=f"TP=1 {dtype} triton vs torch {name}")
+        (done_dir / f"rank{rank}.done").write_text("all checks passed")
     finally:
         dist.destroy_process_group()
 
 
-def test_tp2_equals_full_vocabulary_reference_and_triton_equals_torch():
+def test_tp2_equals_full_vocabulary_reference_and_triton_equals_torch(tmp_path):
     """The ms-swift #9947 trap: log-probs right but gradients wrong at TP>1. Here every value
     and gradient of a TP=2 run equals the unsharded float64 reference."""
     # Inherited by the spawned processes only. The kernels need no Megatron: skipping the CPU
@@ -259,13 +260,15 @@ def test_tp2_equals_full_vocabulary_reference_and_triton_equals_torch():
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        mp.spawn(_tp2_worker, args=(free_port(),), nprocs=2, join=True)
+        mp.spawn(_tp2_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
     finally:
         for k, v in saved.items():
             if v is None:
                 del os.environ[k]
             else:
                 os.environ[k] = v
+    # Each rank got through every comparison (a failed one raises in its process).
+    assert sorted(p.name for p in tmp_path.glob("*.done")) == ["rank0.done", "rank1.done"]
 
 
 def test_triton_kernels_compile_for_hopper():
