@@ -433,15 +433,23 @@ def main(argv=None) -> None:
         for run, label in ((ntp[m], "NTP"), (rlp[m], "RLP run A")):
             e = {it["iteration"]: it["elapsed_s"] for it in run["iters"]}
             st = steady(run, "elapsed_s")
+            per_step = ""
+            if run is rlp[m]:  # the rollout's work varies with the step's contexts: per step
+                ms = {it["iteration"]: it["rlp/time_rollout_s"] * 1000
+                      / token_counts(it["dump"])["decode_steps"] for it in run["iters"]}
+                per_step = (f"{ms[1]:.1f} / {median([v for i, v in ms.items() if i >= 3]):.1f}")
             rows.append([m, label, f"{e[1]:.3f}", f"{e[2]:.3f}", f"{st:.3f}", f"{e[1] / st:.2f}",
-                         f"{e[2] / st:.2f}", f"{run['wall_s']:.1f}"])
+                         f"{e[2] / st:.2f}", per_step, f"{run['wall_s']:.1f}"])
     print(table(["model", "run", "iteration 1 s", "iteration 2 s", f"steady s (3..{n_main})",
-                 "first / steady", "second / steady", "process wall s"], rows))
+                 "first / steady", "second / steady",
+                 "rollout ms / decode step: iteration 1 / steady", "process wall s"], rows))
+    print("\nAn RLP iteration's work depends on its contexts (mixed lengths add decode steps: "
+          "see 4.), so its time per decode step compares iteration 1 with the steady state too.")
 
-    wall = time.perf_counter() - t_start
+    total = "" if REUSE else f"; total {time.perf_counter() - t_start:.0f} s"
     print(f"\n{len(runs)} runs, wall time per process (start-up included): "
           + ", ".join(f"{r['name']} {r['wall_s']:.0f} s" for r in runs)
-          + f"; total {wall:.0f} s")
+          + f"; sum {sum(r['wall_s'] for r in runs):.0f} s{total}")
 
 
 if __name__ == "__main__":
