@@ -120,3 +120,36 @@ def assert_same_gradients(dir_a, dir_b, iterations: int, name: str, tol: float =
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+TINY_HYBRID_PATTERN = "M*-M-"
+
+
+def tiny_hybrid(normalization="RMSNorm", pattern=None):
+    """A small Megatron HybridModel (Mamba, attention with RoPE, MLP) built in-process from
+    ``hybrid_local_stack_spec``, fp32, vocabulary 97; needs the ``model_parallel`` fixture."""
+    import torch
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from megatron.core.transformer import TransformerConfig
+
+    from rlp_megatron.specs import hybrid_local_stack_spec
+
+    config = TransformerConfig(
+        num_layers=len(pattern or TINY_HYBRID_PATTERN), hidden_size=64, ffn_hidden_size=128,
+        num_attention_heads=4,
+        mamba_num_heads=4, mamba_head_dim=16, mamba_state_dim=16, mamba_num_groups=2,
+        normalization=normalization, gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, use_cpu_initialization=True,
+        params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    torch.manual_seed(0)
+    model = HybridModel(
+        config, hybrid_local_stack_spec, vocab_size=97, max_sequence_length=64,
+        hybrid_layer_pattern=pattern or TINY_HYBRID_PATTERN, position_embedding_type="rope",
+    )
+    # A small chunk size makes the 20-token forward span several chunks.
+    for layer in model.decoder.layers:
+        if hasattr(layer, "mixer"):
+            layer.mixer.chunk_size = 8
+    return model

@@ -3,7 +3,6 @@ built from ``hybrid_local_stack_spec`` trains and decodes on CPU (KV/SSM-cache d
 teacher forcing)."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ import torch.nn.functional as F
 
 import rlp_megatron  # noqa: F401  (enables the CPU backend before any Megatron model code runs)
 from rlp_megatron.backends import mamba_torch as mt
+
+from harness import tiny_hybrid  # noqa: E402  (the model_parallel fixture: conftest.py)
 
 torch.set_num_threads(1)
 ATOL = 1e-5
@@ -403,61 +404,6 @@ def test_install_routes_mixer_and_is_idempotent():
     assert issubclass(mamba_mixer.ExtendedRMSNorm, mt.RMSNormGated)
     assert "sharded_state_dict" in vars(mamba_mixer.ExtendedRMSNorm)
     assert mamba_mixer.HAVE_MAMBA_SSM
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model_parallel():
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    created = not torch.distributed.is_initialized()
-    if created:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(123)
-    yield
-    if created:
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
-
-
-PATTERN = "M*-M-"
-
-
-def tiny_hybrid(normalization="RMSNorm", pattern=None):
-    from megatron.core.models.hybrid.hybrid_model import HybridModel
-    from megatron.core.transformer import TransformerConfig
-
-    from rlp_megatron.specs import hybrid_local_stack_spec
-
-    config = TransformerConfig(
-        num_layers=len(pattern or PATTERN), hidden_size=64, ffn_hidden_size=128,
-        num_attention_heads=4,
-        mamba_num_heads=4, mamba_head_dim=16, mamba_state_dim=16, mamba_num_groups=2,
-        normalization=normalization, gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, use_cpu_initialization=True,
-        params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
-    )
-    torch.manual_seed(0)
-    model = HybridModel(
-        config, hybrid_local_stack_spec, vocab_size=97, max_sequence_length=64,
-        hybrid_layer_pattern=pattern or PATTERN, position_embedding_type="rope",
-    )
-    # A small chunk size makes the 20-token forward span several chunks.
-    for layer in model.decoder.layers:
-        if hasattr(layer, "mixer"):
-            layer.mixer.chunk_size = 8
-    return model
 
 
 @pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])

@@ -13,6 +13,10 @@ prefill runs in a context sized for exactly the distinct prompts, and :func:`rep
 builds the G-fold decode context by ``index_select`` into new, dense buffers sized for exactly the
 rows being decoded.
 
+Keys enter the cache already rotated (``rotated_key_cache``, :mod:`rlp_megatron.megatron_fixes`
+fix 9): a decode step rotates one key per row instead of the whole cached sequence, so its cost
+does not grow with the position through RoPE.
+
 Mamba's recurrent (SSM) state is allocated in fp32 here, not in the parameters' dtype as
 Megatron's mixer would: the training scan accumulates the state in fp32, and a bf16 state would
 round it at every one of up to thousands of decode steps. The conv state holds raw inputs and
@@ -68,10 +72,16 @@ def inference_mode(model):
         model.train(was_training)
 
 
+def _static_context(max_batch_size: int, max_sequence_length: int) -> StaticInferenceContext:
+    ctx = StaticInferenceContext(max_batch_size, max_sequence_length)
+    ctx.rotated_key_cache = True  # keys enter the cache rotated (megatron_fixes fix 9)
+    return ctx
+
+
 def new_context(model, max_batch_size: int, max_sequence_length: int) -> StaticInferenceContext:
     """A static context for ``max_batch_size`` rows, with this stage's Mamba states allocated
     (SSM state in fp32, see the module docstring)."""
-    ctx = StaticInferenceContext(max_batch_size, max_sequence_length)
+    ctx = _static_context(max_batch_size, max_sequence_length)
     for layer_number, mixer in _mamba_mixers(model).items():
         conv_shape, ssm_shape = mixer.mamba_state_shapes_per_request()
         conv = torch.zeros(max_batch_size, *conv_shape, device=mixer.conv1d_weight.device,
@@ -178,7 +188,7 @@ def replicate_context(model, ctx: StaticInferenceContext,
     [batch, ...]); ``ctx`` is left as it was."""
     mixers = _mamba_mixers(model)
     n = len(index)
-    out = StaticInferenceContext(n, ctx.max_sequence_length)
+    out = _static_context(n, ctx.max_sequence_length)
     out.sequence_len_offset = ctx.sequence_len_offset
     for layer_number, (a, b) in ctx.key_value_memory_dict.items():
         dim = 0 if layer_number in mixers else 1
