@@ -38,20 +38,20 @@ TFLOP/s has one decimal (0.0 on CPU), hence the FLOP count from the hook. RLP me
    64, 256) — GPT, 1 context of exactly 16 tokens, G=4 (4 rows), ``--seq-length`` L + 32.
    Thoughts close only at a sampled ``</think>``, p ≈ 1/4096 per token at this near-uniform
    initialisation: ~2 % of thoughts close within 64 tokens, ~22 % within 1024, so
-   ``rlp/thought_len`` ≈ L up to a few hundred (shown, with the closed fraction); static batching
-   runs every row to the batch's longest thought anyway. decode steps = (``fed_tokens`` − prefill) ÷
-   rows from the dump (one token per row per step); ms / step = ``rlp/time_rollout_s`` ÷ steps;
-   ms / row·token = ``rlp/time_rollout_s`` ÷ (rows × steps) (every row's slot at every step,
-   idle ones included), median over iterations 2..N, and its ratio to the shortest L; the
-   marginal column is the cost of the slots added since the previous L, ΔT ÷ (rows × Δsteps),
-   i.e. decoding at positions L/2..L; ms / generated token = ``rlp/time_rollout_s`` ÷ the thought
-   tokens actually sampled.
+   ``rlp/thought_len`` ≈ L up to a few hundred (shown, with the closed fraction); a row leaves
+   the batch once its thought is scored. decode steps = the rollout's one-token forwards (from
+   the dump); row·tokens = ``fed_tokens`` − prefill (every row fed at every step it was in the
+   batch); ms / step = ``rlp/time_rollout_s`` ÷ steps; ms / row·token = ``rlp/time_rollout_s`` ÷
+   row·tokens, median over iterations 2..N, and its ratio to the shortest L; the marginal column
+   is the cost of the row·tokens added since the previous L, ΔT ÷ Δrow·tokens, i.e. decoding at
+   positions L/2..L; ms / generated token = ``rlp/time_rollout_s`` ÷ the thought tokens
+   actually sampled.
 4. **Executed / useful positions** (run A's dumps, iterations 1..N summed; positions run through
    the model). Rollout: executed = ``fed_tokens`` (the shortest prompt prefilled once per
-   context, then one token per row per decode step), useful = Σ over contexts of the prompt (the
-   prefill a group shares, once) + Σ over rows of thought (+1 for a forced ``</think>``); the
-   excess splits into prompt tails past the shortest prompt fed row by row (static batching)
-   and idle steps of rows that finished before the batch's longest. Update: executed = rows ×
+   context, the rest of each prompt once per context, then one token per row per decode step
+   while the row is in the batch), useful = Σ over contexts of the prompt (once) + Σ over rows of
+   thought (+1 for a forced ``</think>``); the excess is rows already scored that wait for the
+   batch's next compaction. Update: executed = rows ×
    row width (``thought_mask.shape[1]``, the step's longest row), useful = Σ row lengths (prompt +
    thought + forced ``</think>``; x_t is only a label). Teacher: executed = contexts × teacher
    width (the longest context: the row is context + x_t, fed without x_t), useful = Σ context
@@ -226,24 +226,21 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def token_counts(dump: dict) -> dict:
     """Executed and useful positions of one step's rollout, teacher and update (see 4.); the
-    rollout's excess split into prompt tails fed per row and idle rows (one rollout batch)."""
+    rollout's excess is rows scored but still in the cache, waiting for compaction."""
     prompts = {g: p for g, p in zip(dump["groups"], dump["prompts"])}
     rows = list(zip(dump["prompts"], dump["thoughts"], dump["closed"]))
     n, c = len(rows), len(prompts)
     row_len = [len(p) + len(t) + (not cl) for p, t, cl in rows]
     contexts = [len(p) - 1 for p in prompts.values()]
     l_min = min(len(p) for p in prompts.values())
-    steps = (dump["fed_tokens"] - c * l_min) / n
     useful = sum(len(p) for p in prompts.values()) + sum(len(t) + (not cl) for _, t, cl in rows)
-    tails = sum(len(p) - l_min for p, _, _ in rows) - sum(len(p) - l_min for p in prompts.values())
-    idle = sum(steps - (length - l_min) for length in row_len)
-    assert abs(useful + tails + idle - dump["fed_tokens"]) < 1e-6, "not one rollout batch"
     return {
         "rollout_exec": dump["fed_tokens"], "rollout_useful": useful,
-        "rollout_tails": tails, "rollout_idle": int(round(idle)),
+        "rollout_idle": dump["fed_tokens"] - useful,
         "update_exec": n * dump["thought_mask"].shape[1], "update_useful": sum(row_len),
         "teacher_exec": c * max(contexts), "teacher_useful": sum(contexts),
-        "decode_steps": steps, "rows": n, "contexts": c, "context_lengths": contexts,
+        "decode_steps": dump["decode_steps"], "row_tokens": dump["fed_tokens"] - c * l_min,
+        "rows": n, "contexts": c, "context_lengths": contexts,
     }
 
 
@@ -363,17 +360,17 @@ def main(argv=None) -> None:
         its = [it for it in run["iters"] if it["iteration"] >= 2]
         for it in its:
             counts = token_counts(it["dump"])
-            it["decode_steps"], n = counts["decode_steps"], counts["rows"]
+            it["decode_steps"], it["row_tokens"] = counts["decode_steps"], counts["row_tokens"]
             it["generated"] = sum(len(t) for t in it["dump"]["thoughts"])
-        t_roll, steps = (median([it[k] for it in its]) for k in ("rlp/time_rollout_s",
-                                                                 "decode_steps"))
-        per = median([it["rlp/time_rollout_s"] / (n * it["decode_steps"]) for it in its]) * 1000
+        t_roll, steps, row_tokens = (median([it[k] for it in its]) for k in (
+            "rlp/time_rollout_s", "decode_steps", "row_tokens"))
+        per = median([it["rlp/time_rollout_s"] / it["row_tokens"] for it in its]) * 1000
         per_gen = median([it["rlp/time_rollout_s"] / it["generated"] for it in its]) * 1000
         base = base or per
         marginal = ""
         if prev is not None:
-            marginal = f"{(t_roll - prev[0]) / (n * (steps - prev[1])) * 1000:.3f}"
-        prev = (t_roll, steps)
+            marginal = f"{(t_roll - prev[0]) / (row_tokens - prev[1]) * 1000:.3f}"
+        prev = (t_roll, row_tokens)
         rows.append([L, f"{steady(run, 'rlp/thought_len', first=1):.1f}",
                      f"{steady(run, 'rlp/closed_frac', first=1):.2f}", f"{steps:.0f}",
                      f"{t_roll:.3f}", f"{t_roll / steps * 1000:.2f}", f"{per:.3f}",
@@ -381,9 +378,9 @@ def main(argv=None) -> None:
     print(table(["L", "thought_len", "closed", "decode steps", "rollout s", "ms / step",
                  "ms / row·token", f"ratio to L={L0}", "marginal ms / row·token (previous L..L)",
                  "ms / generated token"], rows))
-    print("\nthought_len and closed: median over all iterations; a row whose thought closed "
-          "early idles until the batch's longest ends (its slots count in ms / row·token, not "
-          "in ms / generated token).")
+    print("\nthought_len and closed: median over all iterations; row·tokens = tokens fed after "
+          "the prefill (a row whose thought closed early leaves the batch: fewer rows share the "
+          "later steps' fixed cost, which ms / row·token includes and ms / step does not).")
 
     # 4. Executed / useful
     print(f"\n## 4. Executed / useful positions (run A: G=4, L={main_L}, contexts of 32..64 "
@@ -400,9 +397,9 @@ def main(argv=None) -> None:
                     + [f"{totals[f'{ph}_exec']} / {totals[f'{ph}_useful']} = "
                        f"{totals[f'{ph}_exec'] / totals[f'{ph}_useful']:.3f}"
                        for ph in ("rollout", "update", "teacher")])
-        rows[-1].insert(4, f"{totals['rollout_tails']} / {totals['rollout_idle']}")
+        rows[-1].insert(4, f"{totals['rollout_idle']}")
     print(table(["model", "contexts (lengths)", "rows", "rollout executed / useful",
-                 "rollout excess: prompt tails per row / idle rows", "update", "teacher"], rows))
+                 "rollout excess: scored rows awaiting compaction", "update", "teacher"], rows))
 
     # 5. G and L
     print(f"\n## 5. Step time against G and L (GPT; {SWEEP_CONTEXTS} contexts of {SWEEP_CONTEXT} "

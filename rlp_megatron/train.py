@@ -401,6 +401,7 @@ def _dump_rollout(directory, iteration, data: StepData):
         "s_pred": data.s_pred, "s_ema": data.s_ema, "advantages": data.advantages,
         "old_logp": data.old_logp, "thought_mask": data.thought_mask,
         "fed_tokens": r.fed_tokens,
+        "decode_steps": r.decode_steps,
         "logit_rows": r.logit_rows,
     }, os.path.join(directory, f"iter{iteration:07d}_dp{mpu.get_data_parallel_rank()}.pt"))
 

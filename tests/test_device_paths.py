@@ -8,7 +8,6 @@ logits reach a trained LM's magnitudes (16–32), where bf16 rounding of a logit
 nats.
 """
 
-import collections
 import subprocess
 import sys
 
@@ -40,8 +39,10 @@ def test_attention_core_receives_dense_tensors_in_every_rollout_phase(probes, mo
     """TE's fused attention reads q/k/v as dense sbhd. The prefill used to run in a cache sized
     for all rows, so attention got memory[:L, 0:n_contexts] (a strided batch slice)."""
     calls = [c for c in probes[model]["attention"] if c["phase"] == "rollout"]
-    batches = collections.Counter(c["shapes"][0][1] for c in calls)
-    assert set(batches) == {3, 6}, batches  # prefill: one row per context; decode: per thought
+    batches = [c["shapes"][0][1] for c in calls]
+    # The prefill holds one row per context; decoding, contexts are expanded into their thoughts
+    # (up to 3 × G = 6 rows) and finished rows leave: the cache is rebuilt, dense, each time.
+    assert batches[0] == 3 and max(batches) == 6 and len(set(batches)) > 2, batches
     bad = [c for c in calls if not all(c["contiguous"])]
     assert not bad, bad[:3]
 

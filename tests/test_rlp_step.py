@@ -76,8 +76,8 @@ def test_flops_count_is_the_rlp_steps_not_ntps(runs):
     """What --log-throughput and checkpoints get for an RLP step, with Megatron's per-sequence
     formula at the widths computed: the model body for the update (3 fwd) over the rows at the
     step's longest row, the teacher over the contexts at the longest context, and one forward
-    per token fed to the rollout (prefill once per context, then one token per row per decode
-    step; no scoring forward); the output projection (2·h·V per position) where it ran: with the
+    per token fed to the rollout (each prompt once per context, each thought once per row; no
+    scoring forward); the output projection (2·h·V per position) where it ran: with the
     fused kernels (TP=1) 4× over the update's positions plus S_pred's once per row, once per
     context for the teacher and once per rollout forward row; through Megatron's output layer
     (TP=2) at every position fed."""
@@ -87,13 +87,13 @@ def test_flops_count_is_the_rlp_steps_not_ntps(runs):
         for (reported, fwd), r in zip(snaps["flops"], runs[name]["rollouts"]):
             groups = sorted(set(r["groups"]))
             prompts = {g: p for g, p in zip(r["groups"], r["prompts"])}
-            # One batch of whole groups: prefill the shortest prompt, then steps until every row
-            # has fed its prompt tail, its thought and (at the budget) a forced </think>, whose
-            # logits give S_pred.
+            # One batch of whole groups: prefill the shortest prompt once per context, feed each
+            # prompt's tail once per context, then each row its thought and (at the budget) a
+            # forced </think>, whose logits give S_pred; a row scored is dropped (with these
+            # few rows, at once), so nothing else is fed.
             l_min = min(len(prompts[g]) for g in groups)
-            steps = max(len(p) + len(t) + (not c) for p, t, c in
-                        zip(r["prompts"], r["thoughts"], r["closed"])) - l_min
-            fed = len(groups) * l_min + len(r["rows"]) * steps
+            fed = (sum(len(p) for p in prompts.values())
+                   + sum(len(t) + (not c) for t, c in zip(r["thoughts"], r["closed"])))
             assert r["fed_tokens"] == fed
             # Row widths: the longest update row; the longest context (the prompt without
             # <think>) plus x_t for the teacher.
@@ -103,7 +103,7 @@ def test_flops_count_is_the_rlp_steps_not_ntps(runs):
             teacher_width = max(len(p) - 1 for p in prompts.values())
             n, c = len(r["rows"]), len(groups)
             if name == "tp1":  # fused
-                assert r["logit_rows"] == c + n * steps
+                assert r["logit_rows"] == c + fed - c * l_min  # prefill: the last position
                 expected = (3 * n * (fwd[width] - logit * width)
                             + c * (fwd[teacher_width] - logit * teacher_width)
                             + (fwd[seq_len] / seq_len - logit) * fed

@@ -1,31 +1,58 @@
 """Generate G thoughts per context on the training model (TP-sharded, same process, no copy).
 
-Per rollout batch (whole groups, sorted by prompt length so that lengths within a batch are close):
+Per rollout batch (whole groups, sorted by prompt length; one KV cache / Mamba state set, every
+row at the same position — Megatron's static batching, which keeps attention and the Mamba
+recurrence exact without masks):
 
 1. prefill: one forward over the distinct prompts' first ``L_min`` tokens (``L_min`` = the batch's
-   shortest prompt), i.e. once per context, not once per thought, in a cache sized for exactly
-   those prompts;
-2. replicate: the KV cache and Mamba conv/SSM states are indexed G-fold into a new cache of one
-   row per thought (dense buffers: what Transformer Engine's fused attention requires, see
-   :mod:`.inference`);
-3. decode: one token per step for all rows. A row still inside its (longer) prompt is fed its
-   next prompt token (static batching: every row sits at the same position, which keeps both the
-   KV cache and the Mamba recurrence exact without attention masks); a row past its prompt samples
-   its next thought token (Gumbel-max over the vocab shards, :mod:`.sampling`) and stops at a
-   sampled ``</think>`` or after ``thought_length`` tokens;
-4. S_pred: a thought's last token is fed as usual (plus a forced ``</think>`` when it hit the
+   shortest prompt), once per context, in a cache sized for exactly those prompts;
+2. decode, one position per step. The cache holds two kinds of rows: a *context slot* per
+   context still inside its prompt, fed its next prompt token (so a prompt is run once per
+   context, not once per thought), and a *row slot* per thought. When a context's prompt ends,
+   its slot is expanded into one row slot per thought of its group (the KV cache and the Mamba
+   conv/SSM states indexed G-fold into new dense buffers, :func:`inference.reindex_context`).
+   A row slot samples its next thought token (Gumbel-max over the vocab shards,
+   :mod:`.sampling`) and stops at a sampled ``</think>`` or after ``thought_length`` tokens;
+3. S_pred: a thought's last token is fed as usual (plus a forced ``</think>`` when it hit the
    budget), and the logits of that forward give S_pred = log p_θ(x_t | prompt, thought,
    ``</think>``) at T = 1 — one more decode step instead of a teacher-forced scoring forward over
    every row (decode ≡ teacher forcing is tested; the update logs the difference as
-   ``rlp/s_pred_mismatch``).
+   ``rlp/s_pred_mismatch``);
+4. compaction: a scored row is dropped from the cache at the next expansion, or once
+   ``COMPACT_FRACTION`` of the rows are scored (a copy of the live cache, about as much memory
+   traffic as one attention read of it; eager compaction would copy after every finish, lazy
+   compaction wastes at most that fraction of a step's rows).
+
+So the tokens run through the model are exactly the useful ones — each prompt once, each thought
+and its forced ``</think>`` once per row — up to the rows waiting for compaction
+(``tests/test_rollout.py`` checks the count exactly; ``benchmarks/rlp_step.py`` measures it). A
+step does one host sync (the count of scored rows); expansions and compactions are decided from
+host-side lengths and that count, identically on every pipeline stage.
 
 With pipeline parallelism each step runs stage by stage (hidden states sent forward), the last
 stage samples, and only the sampled token ids (one int64 per row) go back to the other stages —
 not Megatron's broadcast of full logits. Every stage tracks the same per-row state from those ids,
-so all stages agree on when the batch is done and hold the thoughts for the update.
+so all stages agree on expansions, compactions and when the batch is done, and hold the thoughts
+for the update.
 
-The cost of static batching is ``L_max − L_min`` extra decode steps per batch, which the length
-sort keeps small when a rank holds many groups.
+**Megatron's ``DynamicInferenceEngine``** (paged KV cache, continuous batching, chunked prefill,
+CUDA graphs; what Megatron-RL uses) was evaluated and not adopted, for now:
+- it does not run here: its attention asserts flash-attn ≥ 2.7.3 (or FA3/FA4), so neither CPU CI
+  nor a GPU without flash-attn can execute it, and none of our guarantees could be tested;
+- its sampling draws from a ``torch.Generator`` per rank (``sampling_rng``), so thoughts would
+  differ across TP/DP layouts and resumes (ours are counter-based: the same thought for the same
+  global row anywhere) — we would have to replace its sampler;
+- with PP it broadcasts the last stage's logits; we exchange token ids only;
+- requests are independent prompts: G-fold sharing of one prefill goes through its prefix cache
+  (KV blocks, plus a separately sized Mamba state cache, ``prefix_caching_mamba_gb``), matched
+  at block granularity, where we index one prefilled row G-fold exactly.
+What we took from it: rotated keys in the cache (one rotation per new key,
+:mod:`rlp_megatron.megatron_fixes` fix 9), one prefill per distinct prompt, no compute for
+finished requests (compaction instead of paging), and one host sync per step. What it still has
+that we do not: refilling freed rows with new groups mid-batch (continuous batching) and CUDA
+graphs of the decode step; with one rollout batch per step and groups of 16 thoughts, compaction
+recovers the finished rows' compute, and a refill would only pay off with several batches per
+rank per step.
 
 Behaviour log-probs log softmax(l/T)[c_u] are recorded per token at the sampling temperature: the
 policy π_θ whose ratio the update takes is the temperature-T distribution that produced c.
@@ -39,7 +66,8 @@ import torch
 
 from rlp_megatron.data import RLPSample, ThinkTokens
 from rlp_megatron.logprobs import LogprobRequest, VocabShard
-from rlp_megatron.rollout import inference, sampling
+from rlp_megatron.rollout import inference
+from rlp_megatron.rollout import sampling as sampling_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +93,7 @@ class Rollout:
     s_pred: list[float] = dataclasses.field(default_factory=list)  # last pipeline stage only
     fed_tokens: int = 0  # tokens run through the model: prefills + rows × decode steps
     logit_rows: int = 0  # positions whose logits were computed (fused: the last of each forward)
+    decode_steps: int = 0  # one-token forwards (each feeds every row in the cache)
 
 
     @property
@@ -105,96 +134,170 @@ def generate(model, work: list[tuple[RLPSample, list[int]]], cfg: RolloutConfig,
     return out
 
 
+# A batch is compacted (finished rows dropped from the KV cache and the Mamba states) once this
+# fraction of its rows is finished, or at any expansion; see the module docstring.
+COMPACT_FRACTION = 1 / 16
+
+
+@dataclasses.dataclass
+class _Slots:
+    """Per-row decode state of the rows in the cache, in cache order: row slots (one thought each)
+    first, then one context slot per context still inside its prompt (``row`` = −1)."""
+
+    sample: torch.Tensor  # index of the row's context in the batch
+    row: torch.Tensor  # global row index; −1 for a context slot
+    thought: torch.Tensor  # [n, thought_length] sampled tokens
+    logps: torch.Tensor  # [n, thought_length] behaviour log-probs
+    n_tok: torch.Tensor  # tokens sampled so far
+    closed: torch.Tensor  # sampled </think>
+    done: torch.Tensor  # thought complete (closed or at the budget)
+    need_close: torch.Tensor  # feed a forced </think> next
+    score_now: torch.Tensor  # the current logits predict x_t
+    scored: torch.Tensor  # S_pred recorded: the row costs nothing from here on
+    s_pred: torch.Tensor
+
+    @classmethod
+    def contexts(cls, n: int, thought_length: int, device) -> "_Slots":
+        def zeros(*shape, dtype=torch.bool):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return cls(sample=torch.arange(n, device=device),
+                   row=torch.full((n,), -1, dtype=torch.long, device=device),
+                   thought=zeros(n, thought_length, dtype=torch.long),
+                   logps=zeros(n, thought_length, dtype=torch.float32),
+                   n_tok=zeros(n, dtype=torch.long), closed=zeros(n), done=zeros(n),
+                   need_close=zeros(n), score_now=zeros(n), scored=zeros(n),
+                   s_pred=zeros(n, dtype=torch.float32))
+
+    def select(self, index: torch.Tensor) -> "_Slots":
+        return _Slots(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+
 def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabShard | None,
                     tp_group, pipeline, out):
     dev = torch.cuda.current_device()  # Megatron's device (the CPU backend maps it to CPU)
+    batch = sorted(batch, key=lambda item: len(item[0].prompt))  # expansions in context order
     samples = [s for s, _ in batch]
-    rows_per_sample = [len(r) for _, r in batch]
-    rows = torch.tensor([r for _, rs in batch for r in rs], dtype=torch.long, device=dev)
-    index = torch.repeat_interleave(torch.arange(len(batch), device=dev),
-                                    torch.tensor(rows_per_sample, device=dev))
-    lengths = torch.tensor([len(s.prompt) for s in samples], device=dev)[index]
-    n_rows, l_min, l_max = len(rows), int(lengths.min()), int(lengths.max())
-    prompts = torch.full((n_rows, l_max), cfg.pad_id, dtype=torch.long)
-    for i, j in enumerate(index.tolist()):
-        prompts[i, : len(samples[j].prompt)] = torch.tensor(samples[j].prompt)
+    lengths = [len(s.prompt) for s in samples]
+    n_ctx, l_min, l_max = len(samples), lengths[0], lengths[-1]
+    prompts = torch.full((n_ctx, l_max), cfg.pad_id, dtype=torch.long)
+    for j, s in enumerate(samples):
+        prompts[j, : len(s.prompt)] = torch.tensor(s.prompt)
     prompts = prompts.to(dev)
+    targets = torch.tensor([s.target for s in samples], device=dev)
 
-    max_len = l_max + cfg.thought_length + 1
     request = None
     if cfg.fused_logprobs and vocab is not None:
         request = LogprobRequest(vocab=vocab, last_logits=True)
-    distinct = torch.tensor([s.prompt[:l_min] for s in samples], dtype=torch.long, device=dev)
-    prefill_ctx = inference.new_context(model, len(samples), max_len)
-    logits = inference.forward_with_cache(model, distinct, prefill_ctx, pipeline,
-                                          request)  # once per context
-    out.fed_tokens += distinct.numel()
-    out.logit_rows += len(samples) if request is not None else distinct.numel()
-    ctx = inference.replicate_context(model, prefill_ctx, index)
-    del prefill_ctx
+    ctx = inference.new_context(model, n_ctx, l_max + cfg.thought_length + 1)
+    logits = inference.forward_with_cache(model, prompts[:, :l_min], ctx, pipeline, request)
+    out.fed_tokens += n_ctx * l_min
+    out.logit_rows += n_ctx if request is not None else n_ctx * l_min
     is_last = pipeline is None or pipeline.is_last
-    if is_last:
-        logits = logits[index]
 
-    thought = torch.full((n_rows, cfg.thought_length), cfg.pad_id, dtype=torch.long, device=dev)
-    logps = torch.zeros((n_rows, cfg.thought_length), device=dev)
-    n_tok = torch.zeros(n_rows, dtype=torch.long, device=dev)
-    closed = torch.zeros(n_rows, dtype=torch.bool, device=dev)
-    done = torch.zeros(n_rows, dtype=torch.bool, device=dev)
-    targets = torch.tensor([s.target for s in samples], device=dev)[index]
-    s_pred = torch.zeros(n_rows, device=dev)
-    score_now = torch.zeros(n_rows, dtype=torch.bool, device=dev)  # `logits` predict x_t
-    scored = torch.zeros(n_rows, dtype=torch.bool, device=dev)
-    need_close = torch.zeros(n_rows, dtype=torch.bool, device=dev)  # feed a forced </think>
-    close = torch.full((n_rows,), cfg.think.close, dtype=torch.long, device=dev)
+    slots = _Slots.contexts(n_ctx, cfg.thought_length, dev)
+    expanded = 0  # contexts [0, expanded) have their rows in row slots
+    harvest = []  # slots of scored rows, dropped from the cache
+    close = torch.tensor(cfg.think.close, device=dev)
+    pad = torch.tensor(cfg.pad_id, device=dev)
     pos = l_min  # position predicted by `logits`
-    pad = torch.full((n_rows,), cfg.pad_id, dtype=torch.long, device=dev)
     while True:
-        # Fixed-shape masked updates: the only host sync per step is the `scored` check below.
         if is_last:  # S_pred = log p(x_t | prompt, thought, </think>) at T = 1
-            s_pred = torch.where(score_now, inference.token_logprobs(logits, targets, 1.0, vocab),
-                                 s_pred)
-        scored |= score_now
-        if bool(scored.all()):
+            lp_target = inference.token_logprobs(logits, targets[slots.sample], 1.0, vocab)
+            slots.s_pred = torch.where(slots.score_now, lp_target, slots.s_pred)
+        slots.scored |= slots.score_now
+        n_scored = int(slots.scored.sum())  # the step's one host sync
+        n_ctx_slots = n_ctx - expanded
+        if expanded == n_ctx and n_scored == len(slots):
+            harvest.append(slots)
             break
-        sampling_rows = (pos >= lengths) & ~done
+        expand = [j for j in range(expanded, n_ctx) if lengths[j] == pos]
+        if expand or n_scored >= max(1.0, COMPACT_FRACTION * len(slots)):
+            slots, index = _reindex(slots, n_scored, n_ctx_slots, [batch[j][1] for j in expand],
+                                    harvest)
+            ctx = inference.reindex_context(model, ctx, index)
+            if is_last:
+                logits = logits[index]
+            expanded += len(expand)
+            n_ctx_slots -= len(expand)
+        n_row_slots = len(slots) - n_ctx_slots
+
+        sampling = (slots.row >= 0) & ~slots.done
         if is_last:
             # Noise keyed by the thought position u, not the absolute position.
-            keys = sampling.splitmix64(sampling.row_keys(cfg.seed, iteration, rows, 0) ^ n_tok)
-            tok = sampling.gumbel_max_sample(logits, keys, cfg.temperature, vocab.start, tp_group,
-                                             vocab_size=vocab.vocab_size)
-            lp = inference.token_logprobs(logits, tok, cfg.temperature, vocab)
+            rows = slots.row[:n_row_slots]
+            keys = sampling_lib.splitmix64(
+                sampling_lib.row_keys(cfg.seed, iteration, rows, 0) ^ slots.n_tok[:n_row_slots])
+            tok = sampling_lib.gumbel_max_sample(logits[:n_row_slots], keys, cfg.temperature,
+                                                 vocab.start, tp_group,
+                                                 vocab_size=vocab.vocab_size)
+            lp = inference.token_logprobs(logits[:n_row_slots], tok, cfg.temperature, vocab)
+            tok = torch.nn.functional.pad(tok, (0, n_ctx_slots))
+            lp = torch.nn.functional.pad(lp, (0, n_ctx_slots))
         else:
-            tok, lp = torch.zeros_like(pad), torch.zeros(n_rows, device=dev)
+            tok = torch.zeros(len(slots), dtype=torch.long, device=dev)
+            lp = torch.zeros(len(slots), device=dev)
         if pipeline is not None:
             tok = pipeline.broadcast_tokens(tok)
-        u = n_tok.clamp(max=cfg.thought_length - 1)[:, None]
-        thought.scatter_(1, u, torch.where(sampling_rows, tok, thought.gather(1, u)[:, 0])[:, None])
-        logps.scatter_(1, u, torch.where(sampling_rows, lp, logps.gather(1, u)[:, 0])[:, None])
-        n_tok += sampling_rows.long()
-        closed_now = sampling_rows & (tok == cfg.think.close)
-        closed |= closed_now
-        finished = sampling_rows & (closed_now | (n_tok >= cfg.thought_length))
-        done |= finished
+        u = slots.n_tok.clamp(max=cfg.thought_length - 1)[:, None]
+        for buf, new in ((slots.thought, tok), (slots.logps, lp)):
+            buf.scatter_(1, u, torch.where(sampling, new, buf.gather(1, u)[:, 0])[:, None])
+        slots.n_tok += sampling.long()
+        closed_now = sampling & (tok == cfg.think.close)
+        slots.closed |= closed_now
+        finished = sampling & (closed_now | (slots.n_tok >= cfg.thought_length))
+        slots.done |= finished
         # A thought that ends with a sampled </think> is fed as usual and the next logits score
-        # x_t; one that hits the budget is fed its last token, then a forced </think>.
-        prompt_tok = prompts[:, pos] if pos < l_max else pad
-        next_tok = torch.where(sampling_rows, tok, torch.where(pos < lengths, prompt_tok, pad))
-        next_tok = torch.where(need_close, close, next_tok)
-        score_now = closed_now | need_close
-        need_close = finished & ~closed_now
+        # x_t; one that hits the budget is fed its last token, then a forced </think>. Context
+        # slots feed their next prompt token; scored rows still in the cache feed padding.
+        prompt_tok = prompts[slots.sample, min(pos, l_max - 1)]
+        next_tok = torch.where(sampling, tok, torch.where(slots.row < 0, prompt_tok, pad))
+        next_tok = torch.where(slots.need_close, close, next_tok)
+        slots.score_now = closed_now | slots.need_close
+        slots.need_close = finished & ~closed_now
         logits = inference.forward_with_cache(model, next_tok[:, None], ctx, pipeline, request)
-        out.fed_tokens += n_rows
-        out.logit_rows += n_rows
+        out.fed_tokens += len(slots)
+        out.logit_rows += len(slots)
+        out.decode_steps += 1
         pos += 1
 
-    thought, logps, n_tok, closed = thought.cpu(), logps.cpu(), n_tok.cpu(), closed.cpu()
-    s_pred = s_pred.cpu()
-    for i, (row, j) in enumerate(zip(rows.tolist(), index.tolist())):
-        n = int(n_tok[i])
-        out.rows.append(row)
-        out.groups.append(samples[j].group)
-        out.thoughts.append(thought[i, :n].tolist())
-        out.closed.append(bool(closed[i]))
-        out.behaviour_logprobs.append(logps[i, :n].clone())
-        out.s_pred.append(float(s_pred[i]))
+    done = _Slots(**{f.name: torch.cat([getattr(h, f.name) for h in harvest]).cpu()
+                     for f in dataclasses.fields(_Slots)})
+    where = {int(r): i for i, r in enumerate(done.row)}
+    for sample, rows in batch:
+        for row in rows:
+            i = where[row]
+            n = int(done.n_tok[i])
+            out.rows.append(row)
+            out.groups.append(sample.group)
+            out.thoughts.append(done.thought[i, :n].tolist())
+            out.closed.append(bool(done.closed[i]))
+            out.behaviour_logprobs.append(done.logps[i, :n].clone())
+            out.s_pred.append(float(done.s_pred[i]))
+
+
+def _reindex(slots: _Slots, n_scored: int, n_ctx_slots: int, expand_rows: list[list[int]],
+             harvest: list[_Slots]) -> tuple[_Slots, torch.Tensor]:
+    """Drop the scored rows (kept in ``harvest``) and turn the first ``len(expand_rows)`` context
+    slots into one row slot per global row of their group; returns the new slots and the index
+    of each new slot in the old ones (for the cache). No host sync: the scored rows' count is
+    known, and a stable sort puts them last without looking at which they are."""
+    order = torch.argsort(slots.scored.to(torch.int8), stable=True)
+    n_live = len(slots) - n_scored
+    if n_scored:
+        harvest.append(slots.select(order[n_live:]))
+    live_rows = n_live - n_ctx_slots  # live row slots come first, context slots keep their order
+    k = len(expand_rows)
+    counts = torch.tensor([len(r) for r in expand_rows], dtype=torch.long, device=order.device)
+    new_rows = sum(len(r) for r in expand_rows)
+    index = torch.cat([order[:live_rows],
+                       order[live_rows:live_rows + k].repeat_interleave(counts,
+                                                                        output_size=new_rows),
+                       order[live_rows + k:n_live]])
+    out = slots.select(index)
+    out.row[live_rows:live_rows + new_rows] = torch.tensor(
+        [r for rows in expand_rows for r in rows], dtype=torch.long, device=order.device)
+    return out, index

@@ -9,9 +9,9 @@ Every tensor that reaches the attention core is dense. Megatron's static path ha
 ``memory[:seq_end, batch_start:batch_end]``; that is a dense tensor only when the batch range is
 the whole cache. Transformer Engine's fused (cuDNN) attention assumes dense ``sbhd`` inputs and
 recomputes strides from the shape, so a batch slice of a larger cache would be misread. Hence the
-prefill runs in a context sized for exactly the distinct prompts, and :func:`replicate_context`
-builds the G-fold decode context by ``index_select`` into new, dense buffers sized for exactly the
-rows being decoded.
+prefill runs in a context sized for exactly the distinct prompts, and :func:`reindex_context`
+builds the decode context (a prefilled context repeated G-fold, finished rows dropped) by
+``index_select`` into new, dense buffers sized for exactly the rows being decoded.
 
 Keys enter the cache already rotated (``rotated_key_cache``, :mod:`rlp_megatron.megatron_fixes`
 fix 9): a decode step rotates one key per row instead of the whole cached sequence, so its cost
@@ -181,19 +181,26 @@ def _mamba_mixers(model):
             if hasattr(m, "cached_batch_size") and hasattr(m, "layer_number")}
 
 
-def replicate_context(model, ctx: StaticInferenceContext,
-                      index: torch.Tensor) -> StaticInferenceContext:
-    """A new context of ``len(index)`` rows whose row i is ``ctx``'s row ``index[i]``, in new
-    dense buffers (attention KV memory is [max_seq, batch, ...], Mamba conv/SSM states are
-    [batch, ...]); ``ctx`` is left as it was."""
+def reindex_context(model, ctx: StaticInferenceContext,
+                    index: torch.Tensor) -> StaticInferenceContext:
+    """A new context of ``len(index)`` rows whose row i is ``ctx``'s row ``index[i]`` (an index
+    may repeat: one prefilled context becomes G rows; rows left out are dropped), in new dense
+    buffers: attention KV memory is [max_seq, batch, ...], of which the positions written so far
+    are copied; Mamba conv/SSM states are [batch, ...]. ``ctx`` is left as it was."""
     mixers = _mamba_mixers(model)
-    n = len(index)
+    n, filled = len(index), ctx.sequence_len_offset
     out = _static_context(n, ctx.max_sequence_length)
-    out.sequence_len_offset = ctx.sequence_len_offset
+    out.sequence_len_offset = filled
     for layer_number, (a, b) in ctx.key_value_memory_dict.items():
-        dim = 0 if layer_number in mixers else 1
-        out.key_value_memory_dict[layer_number] = (a.index_select(dim, index),
-                                                   b.index_select(dim, index))
         if layer_number in mixers:
+            out.key_value_memory_dict[layer_number] = (a.index_select(0, index),
+                                                       b.index_select(0, index))
             mixers[layer_number].cached_batch_size = n
+            continue
+        pair = []
+        for memory in (a, b):
+            new = memory.new_empty((memory.shape[0], n, *memory.shape[2:]))
+            torch.index_select(memory[:filled], 1, index, out=new[:filled])
+            pair.append(new)
+        out.key_value_memory_dict[layer_number] = tuple(pair)
     return out

@@ -122,9 +122,9 @@ def _record_kernels(log):
 
 def _record_decode_states(log):
     """dtypes of the Mamba conv/SSM states that the decode steps update."""
-    original = inference.replicate_context
+    original = inference.reindex_context
 
-    def replicate_context(model, ctx, index):
+    def reindex_context(model, ctx, index):
         out = original(model, ctx, index)
         mixers = inference._mamba_mixers(model)
         for layer_number, (conv, ssm) in out.key_value_memory_dict.items():
@@ -132,7 +132,7 @@ def _record_decode_states(log):
                 log.append({"conv": str(conv.dtype), "ssm": str(ssm.dtype)})
         return out
 
-    inference.replicate_context = replicate_context
+    inference.reindex_context = reindex_context
 
 
 def _without_bf16_fixes():
