@@ -41,6 +41,7 @@ from rlp_megatron.data import RLPSample, ThinkTokens, build_sample, layout_rows
 from rlp_megatron.logprobs import (LogprobRequest, VocabShard, rlp_output_processor,
                                    token_logprobs, vocab_shard)
 from rlp_megatron.rollout import generate as rollout_lib
+from rlp_megatron.rollout import placement
 from rlp_megatron.teacher import EMATeacher
 
 
@@ -49,7 +50,10 @@ class StepData:
     """Everything one step computes about this rank's rows (index-aligned with ``rows``)."""
 
     samples: dict[int, RLPSample]  # group index → sample
-    rollout: rollout_lib.Rollout
+    rollout: rollout_lib.Rollout  # this rank's rows (the update's)
+    generated: rollout_lib.Rollout = None  # the groups this rank generated (and teacher-scores)
+    teacher_groups: list[int] = dataclasses.field(default_factory=list)
+    s_ema_generated: torch.Tensor = None  # [generated rows] (last stage)
     tokens: torch.Tensor = None  # [n, S] row layout (see rlp_megatron.data)
     labels: torch.Tensor = None
     thought_mask: torch.Tensor = None
@@ -135,7 +139,11 @@ class RLPStep:
     # -----------------------------------------------------------------------------------------
     # Phase 2: rollout
 
-    def rollout(self, model, work, iteration: int) -> rollout_lib.Rollout:
+    def rollout(self, model, work, iteration: int) -> tuple[rollout_lib.Rollout,
+                                                            rollout_lib.Rollout]:
+        """Thoughts for the groups this rank owns (each group generated once over the DP ranks,
+        :mod:`rlp_megatron.rollout.placement`), then for this rank's rows, in ``work`` order.
+        Returns (generated, this rank's rows)."""
         chunk = model[0]
         cfg = rollout_lib.RolloutConfig(
             thought_length=self.cfg.thought_length, temperature=self.cfg.temperature,
@@ -145,9 +153,13 @@ class RLPStep:
         if mpu.get_pipeline_model_parallel_world_size() > 1:
             config = chunk.config if hasattr(chunk, "config") else chunk.module.config
             pipeline = rollout_lib.inference.Pipeline(config.hidden_size, config.params_dtype)
-        return rollout_lib.generate(chunk, work, cfg, iteration, self.vocab(model),
-                                    tp_group=mpu.get_tensor_model_parallel_group(),
-                                    pipeline=pipeline)
+        dp_group = mpu.get_data_parallel_group()
+        owned = placement.own_groups(work, self.cfg.group_size, dp_group)
+        generated = rollout_lib.generate(chunk, owned, cfg, iteration, self.vocab(model),
+                                         tp_group=mpu.get_tensor_model_parallel_group(),
+                                         pipeline=pipeline)
+        rows = placement.exchange(generated, [row for _, rows in work for row in rows], dp_group)
+        return generated, rows
 
     # -----------------------------------------------------------------------------------------
     # Phase 3: rows for the update, and the teacher (φ: S_EMA)
@@ -181,8 +193,13 @@ class RLPStep:
             data.s_pred = torch.cat([o["s_target"] for o in out]).cpu()
 
     def score_teacher(self, model, data: StepData) -> None:
-        """S_EMA = log p̄_φ(x_t | context) once per group, with φ swapped into the model."""
-        groups = sorted(data.samples)
+        """S_EMA = log p̄_φ(x_t | context) once per group this rank generated, with φ swapped
+        into the model, into ``data.s_ema_generated`` (per generated row)."""
+        groups = sorted(set(data.generated.groups))
+        data.teacher_groups = groups
+        if not groups:  # every stage of this DP replica owns nothing this step
+            data.s_ema_generated = torch.zeros(0)
+            return
         contexts = [data.samples[g].context for g in groups]
         rows = layout_rows(prompts=contexts, thoughts=[[] for _ in groups],
                            closed=[True] * len(groups),
@@ -203,19 +220,23 @@ class RLPStep:
         if out is not None:
             s_ema_group = torch.cat([o["s_target"] for o in out]).cpu()[: len(groups)]
             by_group = dict(zip(groups, s_ema_group.tolist()))
-            data.s_ema = torch.tensor([by_group[g] for g in data.rollout.groups])
+            data.s_ema_generated = torch.tensor([by_group[g] for g in data.generated.groups])
 
     # -----------------------------------------------------------------------------------------
     # Phase 4: rewards and group-relative advantages (last pipeline stage)
 
     def advantages(self, data: StepData) -> None:
-        r = data.rollout
+        """Rewards and advantages of every global row, from the rows each DP rank generated
+        (each exactly once); ``data.s_ema`` and ``data.advantages`` for this rank's rows."""
+        r = data.generated
         dp = mpu.get_data_parallel_group()
         rows = torch.tensor(r.rows, dtype=torch.long)
         closed = torch.tensor(r.closed, dtype=torch.bool)
         lengths = torch.tensor([len(t) for t in r.thoughts], dtype=torch.float64)
-        local = torch.stack([rows.double(), data.s_pred.cpu().double(), data.s_ema.double(),
-                             closed.double(), lengths, torch.tensor(r.groups).double()], dim=1)
+        local = torch.stack([rows.double(), torch.tensor(r.s_pred, dtype=torch.float64),
+                             data.s_ema_generated.double(), closed.double(), lengths,
+                             torch.tensor(r.groups, dtype=torch.float64)], dim=1)
+        local = local.reshape(-1, 6)  # no generated rows: [0, 6]
         world = _all_gather_rows(local.cuda(), dp).cpu()  # [global rows, 6]
         world = world[torch.argsort(world[:, 0])]
         G = self.cfg.group_size
@@ -225,7 +246,9 @@ class RLPStep:
         valid = world[:, 3].view(-1, G).bool() if self.cfg.unclosed == "zero" else None
         adv = objective.group_advantages(reward, valid=valid).reshape(-1)
         position = {int(i): k for k, i in enumerate(world[:, 0].tolist())}
-        data.advantages = torch.stack([adv[position[i]] for i in r.rows]).float()
+        mine = [position[i] for i in data.rollout.rows]
+        data.advantages = adv[mine].float()
+        data.s_ema = world[mine, 2].float()
         data.metrics.update({
             "rlp/info_gain": reward.mean().item(),
             "rlp/s_pred": s_pred.mean().item(),
@@ -404,11 +427,19 @@ def _broadcast_from_loader_rank(tensor: torch.Tensor) -> None:
 
 
 def _all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
-    if dist.get_world_size(group) == 1:
+    """Concatenation of every rank's ``local`` [n_rank, k] (n_rank may differ, even be 0)."""
+    size = dist.get_world_size(group)
+    if size == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local, group=group)
-    return torch.cat(parts)
+    n = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
+    counts = [torch.empty_like(n) for _ in range(size)]
+    dist.all_gather(counts, n, group=group)
+    counts = [int(c) for c in counts]
+    padded = local.new_zeros((max(counts), *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
 def _check_whole_groups(groups: torch.Tensor, G: int) -> None:

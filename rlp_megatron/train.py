@@ -311,9 +311,9 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     num_mb = get_num_microbatches()
     t0 = time.perf_counter()
     work, samples = step.pull_samples(data_iterator, num_mb)
-    rollout = step.rollout(model, work, iteration)
+    generated, rollout = step.rollout(model, work, iteration)
     t1 = time.perf_counter()
-    data = StepData(samples=samples, rollout=rollout)
+    data = StepData(samples=samples, rollout=rollout, generated=generated)
     step.layout(data)
     step.score_teacher(model, data)
     if mpu.is_pipeline_last_stage():
@@ -328,10 +328,11 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     t3 = time.perf_counter()
     if args.rlp_dump_rollouts:
         _dump_rollout(args.rlp_dump_rollouts, iteration + 1, data)
-    flops = _rlp_flops(args, rows=len(rollout.rows), length=data.length, contexts=len(samples),
-                       teacher_length=data.teacher_length, fed_tokens=rollout.fed_tokens,
-                       logit_rows=rollout.logit_rows, fused=step.fused)
-    totals = torch.tensor([len(rollout.rows), rollout.generated_tokens, flops],
+    flops = _rlp_flops(args, rows=len(rollout.rows), length=data.length,
+                       contexts=len(data.teacher_groups), teacher_length=data.teacher_length,
+                       fed_tokens=generated.fed_tokens, logit_rows=generated.logit_rows,
+                       fused=step.fused)
+    totals = torch.tensor([len(generated.rows), generated.generated_tokens, flops],
                           dtype=torch.float64).cuda()
     torch.distributed.all_reduce(totals, group=mpu.get_data_parallel_group())
     thoughts, gen_tokens, flops = totals.tolist()
@@ -392,7 +393,7 @@ def _dump_rollout(directory, iteration, data: StepData):
     if mpu.get_tensor_model_parallel_rank() != 0 or not mpu.is_pipeline_last_stage():
         return
     os.makedirs(directory, exist_ok=True)
-    r = data.rollout
+    r, g = data.rollout, data.generated
     torch.save({
         "iteration": iteration, "rows": r.rows, "groups": r.groups, "thoughts": r.thoughts,
         "closed": r.closed, "behaviour_logprobs": r.behaviour_logprobs,
@@ -400,9 +401,12 @@ def _dump_rollout(directory, iteration, data: StepData):
         "targets": [data.samples[g].target for g in r.groups],
         "s_pred": data.s_pred, "s_ema": data.s_ema, "advantages": data.advantages,
         "old_logp": data.old_logp, "thought_mask": data.thought_mask,
-        "fed_tokens": r.fed_tokens,
-        "decode_steps": r.decode_steps,
-        "logit_rows": r.logit_rows,
+        # The work this rank ran: the rollout of the groups it owns, the teacher on their contexts.
+        "fed_tokens": g.fed_tokens,
+        "decode_steps": g.decode_steps,
+        "logit_rows": g.logit_rows,
+        "rollout_groups": sorted(set(g.groups)),
+        "teacher_groups": data.teacher_groups,
     }, os.path.join(directory, f"iter{iteration:07d}_dp{mpu.get_data_parallel_rank()}.pt"))
 
 

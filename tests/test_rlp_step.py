@@ -24,8 +24,10 @@ RLP_FLAGS = [
 ]
 # TP=2 also runs the log-probs through Megatron's output layer (--rlp-logprobs logits) while TP=1
 # uses the fused kernels (the default): each claim below then also says "fused ≡ logits".
+# DP=2 splits the one group of 4 rows over two data-parallel ranks (micro-batch 2).
 LAYOUTS = {"tp1": (1, []),
-           "tp2": (2, ["--tensor-model-parallel-size", "2", "--rlp-logprobs", "logits"])}
+           "tp2": (2, ["--tensor-model-parallel-size", "2", "--rlp-logprobs", "logits"]),
+           "dp2": (2, [])}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,8 @@ def runs(tmp_path_factory):
             "dir": out, "stdout": proc.stdout, "metrics": read_jsonl(out / "metrics.jsonl"),
             "rollouts": [torch.load(out / "rollouts" / f"iter{i:07d}_dp0.pt")
                          for i in range(1, ITERS + 1)],
+            "dp_rollouts": [[torch.load(p) for p in sorted((out / "rollouts").glob(
+                f"iter{i:07d}_dp*.pt"))] for i in range(1, ITERS + 1)],
         }
     return results
 
@@ -123,6 +127,28 @@ def test_tp2_matches_tp1_thoughts_rewards_and_loss(runs):
             assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), key
     for a, b in zip(runs["tp1"]["metrics"], runs["tp2"]["metrics"]):
         assert a["iteration"] == b["iteration"]
+        for key in ("rlp/loss", "rlp/info_gain", "rlp/s_pred", "rlp/s_ema", "rlp/thought_len"):
+            assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_dp2_generates_and_scores_each_group_once_and_matches_tp1(runs):
+    """A group whose rows sit on two data-parallel ranks is prefilled, decoded and teacher-scored
+    on one of them (thoughts are exchanged as token ids): the job runs the rollout tokens and
+    teacher contexts of one rank, and every thought, reward and the loss equal TP=1's."""
+    for ref, parts in zip(runs["tp1"]["rollouts"], runs["dp2"]["dp_rollouts"]):
+        assert len(parts) == 2 and all(len(p["rows"]) == 2 for p in parts)
+        generated = [g for p in parts for g in p["rollout_groups"]]
+        scored = [g for p in parts for g in p["teacher_groups"]]
+        assert sorted(generated) == sorted(scored) == sorted(set(ref["groups"]))
+        assert sum(p["fed_tokens"] for p in parts) == ref["fed_tokens"]
+        position = {row: i for i, row in enumerate(ref["rows"])}
+        for p in parts:
+            idx = [position[row] for row in p["rows"]]
+            assert p["thoughts"] == [ref["thoughts"][i] for i in idx]
+            for key in ("s_pred", "s_ema", "advantages"):
+                assert torch.allclose(p[key], ref[key][idx], atol=1e-5, rtol=0), key
+    for a, b in zip(runs["tp1"]["metrics"], runs["dp2"]["metrics"]):
         for key in ("rlp/loss", "rlp/info_gain", "rlp/s_pred", "rlp/s_ema", "rlp/thought_len"):
             assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
 

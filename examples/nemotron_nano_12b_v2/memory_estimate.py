@@ -21,9 +21,11 @@ and, on top of that, the largest of the three phases of one RLP step (rollout �
 they do not overlap in time; there is no scoring forward: S_pred comes from the rollout and the old
 log-probs are the update's own, rlp_megatron/step.py):
   rollout   R rows decoded together (--rlp-rollout-micro-batch-size): KV cache of the 6 attention layers
-            and the Mamba conv/SSM states of the 28 Mamba layers for R rows, the prefill cache of the
-            distinct contexts (alive while replicate_context copies it G-fold), the no-grad prefill of
-            those contexts, and the decode step's last-position logits + Gumbel-max buffers
+            and the Mamba conv/SSM states of the 28 Mamba layers for R rows, a second copy of them
+            (reindex_context rebuilds the cache when contexts expand into their G rows and when
+            finished rows leave: old and new coexist during the copy), the no-grad prefill of the
+            R / G distinct contexts (each group is generated whole by one DP rank), and the decode
+            step's last-position logits + Gumbel-max buffers
             (rlp_megatron/rollout/generate.py). Summed although the prefill's working set is freed
             before the copy and the decode: an upper bound that also covers the caching allocator not
             reusing the prefill's blocks for the decode cache.
@@ -303,18 +305,17 @@ def estimate(m: Model, job: Job, lay: Layout) -> dict:
         s_ema = m.logprob_bytes(lay.mbs, tp, 1, grad=False) if last else 0  # [mbs, H] @ [H, V/TP]
         teacher = 2 * P + teacher_ws + s_ema
 
-        # rollout: how many distinct contexts a batch of `rows` holds on this rank. Megatron's
-        # pretraining sampler gives rank r rows [r·mbs, (r+1)·mbs) of every mbs·DP block, so a
-        # group of G rows lands on min(DP, G/mbs) ranks, max(mbs, G/DP) rows each.
-        rows_per_group = min(job.group_size, max(lay.mbs, job.group_size // max(1, dp)))
-        contexts = math.ceil(rows / rows_per_group)
+        # rollout: each group is generated whole by one DP rank (rlp_megatron/rollout/placement.py),
+        # so a batch of `rows` holds rows / G distinct contexts.
+        contexts = math.ceil(rows / job.group_size)
         cache_len = job.max_row_tokens
         kv = rows * cache_len * m.kv_bytes_per_token(tp) * len(
             [c for c in layers if c == "*"]) / max(1, m.n_attn)
         ssm = rows * m.mamba_state_bytes(tp) * len([c for c in layers if c == "M"]) / max(1, m.n_mamba)
-        # replicate_context copies the prefill cache (one row per context) into a new decode
-        # cache of `rows` rows; both exist until the copy is done.
-        replicate = (kv + ssm) * contexts / max(1, rows)
+        # reindex_context rebuilds the cache when contexts expand into their G rows and when
+        # finished rows are dropped; old and new exist until the copy is done: at worst a second
+        # full cache.
+        replicate = kv + ssm
         prefill = contexts * (job.prompt_tokens + job.context_length + 1) * m.working_bytes_per_token(tp)
         # last stage: the decode step's fp32 last-position logits + Gumbel-max float64 buffers
         decode = DECODE_BYTES_PER_ELEMENT * rows * v_local if last else 0
@@ -416,8 +417,8 @@ def breakdown(m: Model, job: Job, lay: Layout, e: dict) -> None:
         print(f"  {k:<26} {gib(v)}")
     print(f"  rollout: KV cache          {gib(e['kv'])}  ({e['rows']} rows × {job.max_row_tokens} tokens)")
     print(f"  rollout: Mamba states      {gib(e['ssm'])}  (conv bf16, SSM fp32)")
-    print(f"  rollout: prefill cache     {gib(e['replicate'])}  "
-          f"({e['contexts']} rows, alive while it is copied G-fold)")
+    print(f"  rollout: cache rebuild     {gib(e['replicate'])}  "
+          f"(a second KV + Mamba state copy while rows join or leave the batch)")
     print(f"  rollout: prefill           {gib(e['prefill'])}  ({e['contexts']} distinct contexts × "
           f"{job.prompt_tokens + job.context_length + 1} tokens, no grad)")
     print(f"  rollout: logits + sampling {gib(e['decode'])}  ({DECODE_BYTES_PER_ELEMENT} B × "

@@ -191,7 +191,7 @@ def main():
                                           behaviour_logprobs=saved["behaviour_logprobs"])
         else:
             PHASE[0] = "rollout"
-            rollout = step.rollout(model, work, iteration=1)
+            _, rollout = step.rollout(model, work, iteration=1)
         PHASE[0] = "score"
         data = StepData(samples=samples, rollout=rollout)
         step.layout(data)
