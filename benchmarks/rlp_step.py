@@ -51,11 +51,12 @@ TFLOP/s has one decimal (0.0 on CPU), hence the FLOP count from the hook. RLP me
    context, the rest of each prompt once per context, then one token per row per decode step
    while the row is in the batch), useful = Σ over contexts of the prompt (once) + Σ over rows of
    thought (+1 for a forced ``</think>``); the excess is rows already scored that wait for the
-   batch's next compaction. Update: executed = rows ×
-   row width (``thought_mask.shape[1]``, the step's longest row), useful = Σ row lengths (prompt +
-   thought + forced ``</think>``; x_t is only a label). Teacher: executed = contexts × teacher
-   width (the longest context: the row is context + x_t, fed without x_t), useful = Σ context
-   lengths (context = prompt minus ``<think>``: no prompt file).
+   batch's next compaction. Update: executed = Σ over micro-batches of rows × the micro-batch's
+   width (``update_widths``: rows sorted by width, each micro-batch cut to its longest row),
+   useful = Σ row lengths (prompt + thought + forced ``</think>``; x_t is only a label).
+   Teacher: executed = Σ over micro-batches of contexts × width (``teacher_widths``: the row is
+   context + x_t, fed without x_t), useful = Σ context lengths (context = prompt minus
+   ``<think>``: no prompt file).
 5. **Step time against G and against L** (GPT, 2 contexts of exactly 32 tokens, micro-batch 2):
    G ∈ {2, 4, 8} at L = 32 and L ∈ {16, 32, 64} at G = 4; steady step time (Megatron's elapsed)
    and phases, a least-squares line through the points and its R².
@@ -237,8 +238,10 @@ def token_counts(dump: dict) -> dict:
     return {
         "rollout_exec": dump["fed_tokens"], "rollout_useful": useful,
         "rollout_idle": dump["fed_tokens"] - useful,
-        "update_exec": n * dump["thought_mask"].shape[1], "update_useful": sum(row_len),
-        "teacher_exec": c * max(contexts), "teacher_useful": sum(contexts),
+        "update_exec": sum(k * w for k, w in dump["update_widths"]),
+        "update_useful": sum(row_len),
+        "teacher_exec": sum(k * w for k, w in dump["teacher_widths"]),
+        "teacher_useful": sum(contexts),
         "decode_steps": dump["decode_steps"], "row_tokens": dump["fed_tokens"] - c * l_min,
         "rows": n, "contexts": c, "context_lengths": contexts,
     }

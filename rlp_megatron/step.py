@@ -31,6 +31,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import mpu
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.rerun_state_machine import RerunDataIterator
@@ -66,6 +67,8 @@ class StepData:
     advantages: torch.Tensor = None  # [n]
     metrics: dict = dataclasses.field(default_factory=dict)
     teacher_length: int = 0  # width of the teacher's rows (its longest context + 1)
+    update_widths: list = dataclasses.field(default_factory=list)  # (rows, width) per micro-batch
+    teacher_widths: list = dataclasses.field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -158,8 +161,13 @@ class RLPStep:
         generated = rollout_lib.generate(chunk, owned, cfg, iteration, self.vocab(model),
                                          tp_group=mpu.get_tensor_model_parallel_group(),
                                          pipeline=pipeline)
-        rows = placement.exchange(generated, [row for _, rows in work for row in rows], dp_group)
-        return generated, rows
+        mine = placement.exchange(generated, [row for _, rows in work for row in rows], dp_group)
+        # The update's rows shortest first, so that micro-batches hold rows of similar widths.
+        prompt = {s.group: len(s.prompt) for s, _ in work}
+        width = [prompt[g] + len(t) + (not c)
+                 for g, t, c in zip(mine.groups, mine.thoughts, mine.closed)]
+        order = sorted(range(len(width)), key=lambda i: width[i])
+        return generated, mine.select([mine.rows[i] for i in order])
 
     # -----------------------------------------------------------------------------------------
     # Phase 3: rows for the update, and the teacher (φ: S_EMA)
@@ -195,7 +203,8 @@ class RLPStep:
     def score_teacher(self, model, data: StepData) -> None:
         """S_EMA = log p̄_φ(x_t | context) once per group this rank generated, with φ swapped
         into the model, into ``data.s_ema_generated`` (per generated row)."""
-        groups = sorted(set(data.generated.groups))
+        groups = sorted(set(data.generated.groups),
+                        key=lambda g: (len(data.samples[g].context), g))  # similar widths
         data.teacher_groups = groups
         if not groups:  # every stage of this DP replica owns nothing this step
             data.s_ema_generated = torch.zeros(0)
@@ -207,13 +216,16 @@ class RLPStep:
                            think_close=self.think.close, seq_length=self.seq_length, trim=True)
         data.teacher_length = rows.tokens.shape[1]
         mbs = self.micro_batch_size
-        pad = (-len(groups)) % mbs
         batch = dict(tokens=rows.tokens, position_ids=rows.position_ids, labels=rows.labels,
                      target_pos=rows.target_pos)
+        trim = _trim_micro_batches()
+        pad = 0 if trim else (-len(groups)) % mbs  # PP: every micro-batch has the schedule's shape
         batch = {k: torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) if pad else v
                  for k, v in batch.items()}
+        batches = _micro_batches(batch, mbs, trim=trim)
+        data.teacher_widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in batches]
         with self.teacher.swapped_in():
-            out = _forward_only(model, _micro_batches(batch, mbs),
+            out = _forward_only(model, batches,
                                 partial(_score_forward_step, temperature=1.0, need_logp=False,
                                         vocab=self.vocab(model), step=self),
                                 data.teacher_length, mbs)
@@ -275,7 +287,9 @@ class RLPStep:
         # Per-thought loss sums are scaled so that Megatron's per-micro-batch averaging and DP
         # gradient averaging add up to (1 / global thoughts) Σ loss (see loss_func).
         self._loss_scale = num_microbatches * dp_size / max(1, getattr(self, "_num_thoughts_global", n))
-        return RerunDataIterator(iter(_micro_batches(fields, self.micro_batch_size)))
+        batches = _micro_batches(fields, self.micro_batch_size, trim=_trim_micro_batches())
+        data.update_widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in batches]
+        return RerunDataIterator(iter(batches))
 
     def forward_step(self, data_iterator, model, return_schedule_plan: bool = False):
         mb = _to_device(next(data_iterator))
@@ -333,7 +347,8 @@ class RLPStep:
         largest decode/update differences over the data-parallel ranks."""
         if not self._update_logp:
             return
-        data.old_logp = torch.cat(self._update_logp).cpu()
+        data.old_logp = torch.cat([F.pad(lp, (0, data.length - lp.shape[1]))
+                                   for lp in self._update_logp]).cpu()
         worst = self._mismatch_max.double().clone()
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=mpu.get_data_parallel_group())
         data.metrics["rlp/logprob_mismatch_max"] = worst[0].item()
@@ -348,9 +363,25 @@ def _to_device(mb: dict) -> dict:
     return {k: v.cuda(non_blocking=True) for k, v in mb.items()}
 
 
-def _micro_batches(fields: dict, mbs: int) -> list[dict]:
-    n = next(iter(fields.values())).shape[0]
-    return [{k: v[i : i + mbs] for k, v in fields.items()} for i in range(0, n, mbs)]
+def _micro_batches(fields: dict, mbs: int, trim: bool = False) -> list[dict]:
+    """Consecutive rows in micro-batches of ``mbs``; with ``trim``, each cut to its own longest
+    row (``target_pos`` + 1) instead of the step's."""
+    n, width = fields["tokens"].shape
+    out = []
+    for i in range(0, n, mbs):
+        mb = {k: v[i : i + mbs] for k, v in fields.items()}
+        if trim:
+            w = int(mb["target_pos"].max()) + 1
+            mb = {k: v[:, :w] if v.dim() > 1 and v.shape[1] == width else v
+                  for k, v in mb.items()}
+        out.append(mb)
+    return out
+
+
+def _trim_micro_batches() -> bool:
+    """Micro-batches may differ in width without pipeline parallelism; with it, Megatron's
+    schedule sends activations of one fixed shape (``--variable-seq-lengths`` is not used)."""
+    return mpu.get_pipeline_model_parallel_world_size() == 1
 
 
 def _processor(request: LogprobRequest) -> dict:

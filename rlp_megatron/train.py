@@ -328,8 +328,7 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     t3 = time.perf_counter()
     if args.rlp_dump_rollouts:
         _dump_rollout(args.rlp_dump_rollouts, iteration + 1, data)
-    flops = _rlp_flops(args, rows=len(rollout.rows), length=data.length,
-                       contexts=len(data.teacher_groups), teacher_length=data.teacher_length,
+    flops = _rlp_flops(args, update=data.update_widths, teacher=data.teacher_widths,
                        fed_tokens=generated.fed_tokens, logit_rows=generated.logit_rows,
                        fused=step.fused)
     totals = torch.tensor([len(generated.rows), generated.generated_tokens, flops],
@@ -363,16 +362,15 @@ def _per_sequence_fwd(args, length: int) -> float:
         return _ORIG_FLOPS(args, 1) / 3.0
 
 
-def _rlp_flops(args, *, rows: int, length: int, contexts: int, teacher_length: int,
+def _rlp_flops(args, *, update: list[tuple[int, int]], teacher: list[tuple[int, int]],
                fed_tokens: int, logit_rows: int, fused: bool) -> float:
     """FLOPs this rank ran for one RLP step, with Megatron's own per-sequence formula at the
     widths actually computed, split into the model body and the output projection (2·h·V per
     position and forward) so that each counts where it ran:
 
-    * body: the update (fwd+bwd = 3 fwd) over this rank's rows at their width (the step's longest
-      row), the teacher forward over its contexts at theirs, and the rollout's forwards (every
-      token fed: prefills and one token per row per decode step, finished rows included; per
-      token as in a --seq-length sequence);
+    * body: the update (fwd+bwd = 3 fwd) and the teacher forward, each micro-batch's rows at its
+      width (``update`` / ``teacher``: (rows, width) per micro-batch), and the rollout's forwards
+      (every token fed; per token as in a --seq-length sequence);
     * output projection: the update over every position — fused, 4× (forward, the backward's
       recomputation, and the two gradient GEMMs) instead of Megatron's 3×, plus S_pred's position
       once per row —, the teacher at the one scored position per context and the rollout at the
@@ -380,13 +378,15 @@ def _rlp_flops(args, *, rows: int, length: int, contexts: int, teacher_length: i
       layer (``--rlp-logprobs logits``) at every position of every forward.
     """
     logit = 2.0 * args.hidden_size * args.padded_vocab_size
-    update, teacher = _per_sequence_fwd(args, length), _per_sequence_fwd(args, teacher_length)
     per_token = _per_sequence_fwd(args, args.seq_length) / args.seq_length
+    fwd = {w: _per_sequence_fwd(args, w) for _, w in update + teacher}
     if not fused:
-        return 3 * rows * update + contexts * teacher + per_token * fed_tokens
-    body = (3 * rows * (update - logit * length) + contexts * (teacher - logit * teacher_length)
-            + (per_token - logit) * fed_tokens)
-    return body + logit * (4 * rows * length + rows + contexts + logit_rows)
+        return (sum(3 * n * fwd[w] for n, w in update) + sum(n * fwd[w] for n, w in teacher)
+                + per_token * fed_tokens)
+    rows, contexts = sum(n for n, _ in update), sum(n for n, _ in teacher)
+    body = (sum(3 * n * (fwd[w] - logit * w) for n, w in update)
+            + sum(n * (fwd[w] - logit * w) for n, w in teacher) + (per_token - logit) * fed_tokens)
+    return body + logit * (4 * sum(n * w for n, w in update) + rows + contexts + logit_rows)
 
 
 def _dump_rollout(directory, iteration, data: StepData):
@@ -407,6 +407,8 @@ def _dump_rollout(directory, iteration, data: StepData):
         "logit_rows": g.logit_rows,
         "rollout_groups": sorted(set(g.groups)),
         "teacher_groups": data.teacher_groups,
+        "update_widths": data.update_widths,  # (rows, width) per micro-batch
+        "teacher_widths": data.teacher_widths,
     }, os.path.join(directory, f"iter{iteration:07d}_dp{mpu.get_data_parallel_rank()}.pt"))
 
 

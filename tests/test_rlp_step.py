@@ -78,14 +78,15 @@ def test_rlp_metrics_reach_tensorboard(runs):
 @pytest.mark.slow
 def test_flops_count_is_the_rlp_steps_not_ntps(runs):
     """What --log-throughput and checkpoints get for an RLP step, with Megatron's per-sequence
-    formula at the widths computed: the model body for the update (3 fwd) over the rows at the
-    step's longest row, the teacher over the contexts at the longest context, and one forward
-    per token fed to the rollout (each prompt once per context, each thought once per row; no
-    scoring forward); the output projection (2·h·V per position) where it ran: with the
-    fused kernels (TP=1) 4× over the update's positions plus S_pred's once per row, once per
-    context for the teacher and once per rollout forward row; through Megatron's output layer
-    (TP=2) at every position fed."""
+    formula at the widths computed: the model body for the update (3 fwd) and the teacher, each
+    micro-batch at its own longest row (rows sorted by width, so micro-batches hold rows of
+    similar widths; no padding rows), and one forward per token fed to the rollout (each prompt
+    once per context, each thought once per row; no scoring forward); the output projection
+    (2·h·V per position) where it ran: with the fused kernels (TP=1) 4× over the update's
+    positions plus S_pred's once per row, once per context for the teacher and once per rollout
+    forward row; through Megatron's output layer (TP=2) at every position fed."""
     seq_len, logit = 64, 2 * 64 * 128  # --seq-length; 2 · hidden · padded vocabulary
+    mbs = 2
     for name in ("tp1", "tp2"):
         snaps = torch.load(runs[name]["dir"] / "snapshots" / "rank0.pt")
         for (reported, fwd), r in zip(snaps["flops"], runs[name]["rollouts"]):
@@ -99,23 +100,32 @@ def test_flops_count_is_the_rlp_steps_not_ntps(runs):
             fed = (sum(len(p) for p in prompts.values())
                    + sum(len(t) + (not c) for t, c in zip(r["thoughts"], r["closed"])))
             assert r["fed_tokens"] == fed
-            # Row widths: the longest update row; the longest context (the prompt without
-            # <think>) plus x_t for the teacher.
-            width = max(len(p) + len(t) + (not c) + 1 for p, t, c in
-                        zip(r["prompts"], r["thoughts"], r["closed"])) - 1
-            assert r["thought_mask"].shape[1] == width < seq_len
-            teacher_width = max(len(p) - 1 for p in prompts.values())
+            # Update rows: prompt + thought (+ forced </think>), x_t only a label; sorted.
+            widths = [len(p) + len(t) + (not c) for p, t, c in
+                      zip(r["prompts"], r["thoughts"], r["closed"])]
+            assert widths == sorted(widths)
+            update = [(len(widths[i:i + mbs]), max(widths[i:i + mbs]))
+                      for i in range(0, len(widths), mbs)]
+            assert [tuple(u) for u in r["update_widths"]] == update
+            assert r["thought_mask"].shape[1] == max(widths) < seq_len
+            # Teacher rows: the context (the prompt without <think>); one per group, no padding.
+            contexts = sorted(len(prompts[g]) - 1 for g in groups)
+            teacher = [(len(contexts[i:i + mbs]), max(contexts[i:i + mbs]))
+                       for i in range(0, len(contexts), mbs)]
+            assert [tuple(t) for t in r["teacher_widths"]] == teacher
             n, c = len(r["rows"]), len(groups)
             if name == "tp1":  # fused
                 assert r["logit_rows"] == c + fed - c * l_min  # prefill: the last position
-                expected = (3 * n * (fwd[width] - logit * width)
-                            + c * (fwd[teacher_width] - logit * teacher_width)
+                expected = (sum(3 * k * (fwd[w] - logit * w) for k, w in update)
+                            + sum(k * (fwd[w] - logit * w) for k, w in teacher)
                             + (fwd[seq_len] / seq_len - logit) * fed
-                            + logit * (4 * n * width + n + c + r["logit_rows"]))
+                            + logit * (4 * sum(k * w for k, w in update) + n + c
+                                       + r["logit_rows"]))
             else:
-                expected = 3 * n * fwd[width] + c * fwd[teacher_width] + fwd[seq_len] / seq_len * fed
+                expected = (sum(3 * k * fwd[w] for k, w in update)
+                            + sum(k * fwd[w] for k, w in teacher) + fwd[seq_len] / seq_len * fed)
             assert reported == pytest.approx(expected, rel=1e-9)
-            assert reported > 3 * fwd[width] * n  # more than the update alone
+            assert reported > sum(3 * k * fwd[w] for k, w in update)  # more than the update
 
 
 @pytest.mark.slow

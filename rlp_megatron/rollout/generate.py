@@ -100,6 +100,16 @@ class Rollout:
     def generated_tokens(self) -> int:
         return sum(len(t) for t in self.thoughts)
 
+    def select(self, rows: list[int]) -> "Rollout":
+        """The thoughts of ``rows``, in that order (the work counters are not carried over)."""
+        index = {row: i for i, row in enumerate(self.rows)}
+        idx = [index[row] for row in rows]
+        pick = lambda values: [values[i] for i in idx]  # noqa: E731
+        return Rollout(rows=list(rows), groups=pick(self.groups), thoughts=pick(self.thoughts),
+                       closed=pick(self.closed),
+                       behaviour_logprobs=pick(self.behaviour_logprobs),
+                       s_pred=pick(self.s_pred))
+
 
 def _batches(work: list[tuple[RLPSample, list[int]]], max_rows: int):
     """Whole groups, shortest prompts first, at most ``max_rows`` rows per batch (a group larger

@@ -62,7 +62,7 @@ def exchange(generated: Rollout, rows: list[int], dp_group) -> Rollout:
     generated them."""
     size = dist.get_world_size(dp_group) if dp_group is not None else 1
     if size == 1:
-        return _select(generated, rows)
+        return generated.select(rows)
     wanted = [None] * size
     dist.all_gather_object(wanted, list(rows), group=dp_group)
     index = {row: i for i, row in enumerate(generated.rows)}
@@ -83,7 +83,7 @@ def exchange(generated: Rollout, rows: list[int], dp_group) -> Rollout:
     got_floats = _all_to_all(torch.cat(floats), n_float, [c[1] for c in recv_counts], dp_group,
                              dev)
     received = _unpack(got_ints, got_floats)
-    return _select(received, rows)
+    return received.select(rows)
 
 
 def _all_to_all(send: torch.Tensor, send_counts, recv_counts, group, dev) -> torch.Tensor:
@@ -116,13 +116,3 @@ def _unpack(ints: torch.Tensor, floats: torch.Tensor) -> Rollout:
         out.behaviour_logprobs.append(floats[f + 1:f + 1 + n].float())
         i, f = i + 4 + n, f + 1 + n
     return out
-
-
-def _select(r: Rollout, rows: list[int]) -> Rollout:
-    """``r``'s thoughts of ``rows``, in that order (the work counters are not carried over)."""
-    index = {row: i for i, row in enumerate(r.rows)}
-    idx = [index[row] for row in rows]
-    return Rollout(rows=list(rows), groups=[r.groups[i] for i in idx],
-                   thoughts=[r.thoughts[i] for i in idx], closed=[r.closed[i] for i in idx],
-                   behaviour_logprobs=[r.behaviour_logprobs[i] for i in idx],
-                   s_pred=[r.s_pred[i] for i in idx])
