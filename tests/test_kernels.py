@@ -273,7 +273,8 @@ def test_tp2_equals_full_vocabulary_reference_and_triton_equals_torch(tmp_path):
 
 def test_triton_kernels_compile_for_hopper():
     """The interpreter does not run Triton's compiler (which, e.g., refuses non-constexpr
-    globals); compile both kernels for sm_90 ahead of time, which needs no GPU."""
+    globals); compile the kernels (log-probs and sampling) for sm_90 ahead of time, which needs
+    no GPU."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 in this process: the kernels are interpreted")
     triton = pytest.importorskip("triton")
@@ -295,6 +296,14 @@ def test_triton_kernels_compile_for_hopper():
         compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         assert compiled.asm["cubin"]
+    from rlp_megatron.kernels import triton_sampling as ts
+
+    sample = {"X": "*fp32", "stride_x": "i32", "KEYS": "*i64", "TEMP": "*fp64", "BEST": "*fp64",
+              "ARG": "*i64", **ints, "BLOCK_V": "constexpr"}
+    compiled = triton.compile(ASTSource(ts._gumbel_max_kernel, sample,
+                                        constexprs={"BLOCK_V": 2048}),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert compiled.asm["cubin"]
 
 
 def test_auto_uses_triton_only_for_cuda_tensors_and_the_env_var_forces_torch(monkeypatch):

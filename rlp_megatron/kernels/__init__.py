@@ -5,6 +5,8 @@
 * :func:`fused_linear_logprobs` — the same from the hidden states and the vocab-parallel output
   weight, never materialising the logits (chunked over tokens and vocabulary, recomputed in
   backward).
+* Gumbel-max sampling's per-shard pass (:mod:`.triton_sampling`, dispatched from
+  :func:`rlp_megatron.rollout.sampling.gumbel_max_sample`, whose PyTorch path is the reference).
 
 ``impl``: ``"torch"`` (chunked PyTorch, :mod:`.torch_logprobs`: the reference and the CPU path),
 ``"triton"`` (:mod:`.triton_logprobs`, GPU; also runs under ``TRITON_INTERPRET=1``), ``"auto"``
@@ -30,10 +32,16 @@ IMPLS = ("auto", "torch", "triton")
 @functools.cache
 def _triton_module():
     try:
-        from rlp_megatron.kernels import triton_logprobs
+        from rlp_megatron.kernels import triton_logprobs, triton_sampling
     except ImportError:
         return None
-    return triton_logprobs
+    return type("TritonKernels", (), {**vars(triton_logprobs), **vars(triton_sampling)})
+
+
+def pick(impl: str, tensor, name: str):
+    """The Triton function ``name`` if ``impl`` (and, for ``auto``, the tensor's device and
+    ``RLP_MEGATRON_LOGPROB_IMPL``) selects Triton, else None (use the PyTorch path)."""
+    return _pick(impl, tensor, name)
 
 
 def _pick(impl: str, tensor, name: str):

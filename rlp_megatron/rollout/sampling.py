@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from rlp_megatron import kernels
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -62,17 +64,22 @@ def uniform_noise(keys: torch.Tensor, vocab_start: int, vocab_size_local: int) -
 
 
 def gumbel_max_sample(vocab_parallel_logits: torch.Tensor, keys: torch.Tensor, temperature: float,
-                      vocab_start: int, tp_group=None, vocab_size: int | None = None) -> torch.Tensor:
+                      vocab_start: int, tp_group=None, vocab_size: int | None = None,
+                      impl: str = "auto") -> torch.Tensor:
     """Sample one token per row from softmax(logits / T) given logits sharded over the vocab;
-    ids ≥ ``vocab_size`` (Megatron's vocabulary padding) are never drawn."""
-    logits = vocab_parallel_logits.float()
-    u = uniform_noise(keys, vocab_start, logits.shape[-1])
-    gumbel = -torch.log(-torch.log(u))
-    scores = logits.double() / temperature + gumbel
-    if vocab_size is not None and vocab_start + logits.shape[-1] > vocab_size:
-        ids = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=scores.device)
-        scores = scores.masked_fill(ids >= vocab_size, float("-inf"))
-    local_best, local_arg = scores.max(dim=-1)
+    ids ≥ ``vocab_size`` (Megatron's vocabulary padding) are never drawn. ``impl`` as in
+    :mod:`rlp_megatron.kernels`: on CUDA tensors one Triton pass per shard
+    (:mod:`rlp_megatron.kernels.triton_sampling`), else :func:`local_gumbel_max`."""
+    n_local = vocab_parallel_logits.shape[-1]
+    if vocab_size is None:
+        vocab_size = vocab_start + n_local
+    kernel = kernels.pick(impl, vocab_parallel_logits, "gumbel_max_local_triton")
+    if kernel is not None:
+        local_best, local_arg = kernel(vocab_parallel_logits, keys, temperature, vocab_start,
+                                       vocab_size)
+    else:
+        local_best, local_arg = local_gumbel_max(vocab_parallel_logits, keys, temperature,
+                                                 vocab_start, vocab_size)
     best = local_best.clone()
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tp_group)
@@ -82,3 +89,15 @@ def gumbel_max_sample(vocab_parallel_logits: torch.Tensor, keys: torch.Tensor, t
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(ids, op=dist.ReduceOp.MIN, group=tp_group)
     return ids
+
+
+def local_gumbel_max(logits: torch.Tensor, keys: torch.Tensor, temperature: float,
+                     vocab_start: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: per row, the best score l / T + g over this shard's real ids (float64) and
+    its local index."""
+    u = uniform_noise(keys, vocab_start, logits.shape[-1])
+    scores = logits.float().double() / temperature - torch.log(-torch.log(u))
+    if vocab_start + logits.shape[-1] > vocab_size:
+        ids = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=scores.device)
+        scores = scores.masked_fill(ids >= vocab_size, float("-inf"))
+    return scores.max(dim=-1)
