@@ -156,6 +156,7 @@ class _Slots:
 
     sample: torch.Tensor  # index of the row's context in the batch
     row: torch.Tensor  # global row index; −1 for a context slot
+    key: torch.Tensor  # the row's sampling key (seed, iteration, row), computed once
     thought: torch.Tensor  # [n, thought_length] sampled tokens
     logps: torch.Tensor  # [n, thought_length] behaviour log-probs
     n_tok: torch.Tensor  # tokens sampled so far
@@ -173,6 +174,7 @@ class _Slots:
 
         return cls(sample=torch.arange(n, device=device),
                    row=torch.full((n,), -1, dtype=torch.long, device=device),
+                   key=zeros(n, dtype=torch.long),
                    thought=zeros(n, thought_length, dtype=torch.long),
                    logps=zeros(n, thought_length, dtype=torch.float32),
                    n_tok=zeros(n, dtype=torch.long), closed=zeros(n), done=zeros(n),
@@ -215,11 +217,12 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
     pad = torch.tensor(cfg.pad_id, device=dev)
     pos = l_min  # position predicted by `logits`
     while True:
-        if is_last:  # S_pred = log p(x_t | prompt, thought, </think>) at T = 1
+        slots.scored |= slots.score_now
+        # The step's one host sync: rows scored so far, and whether any is scored now.
+        n_scored, n_now = torch.stack([slots.scored.sum(), slots.score_now.sum()]).tolist()
+        if is_last and n_now:  # S_pred = log p(x_t | prompt, thought, </think>) at T = 1
             lp_target = inference.token_logprobs(logits, targets[slots.sample], 1.0, vocab)
             slots.s_pred = torch.where(slots.score_now, lp_target, slots.s_pred)
-        slots.scored |= slots.score_now
-        n_scored = int(slots.scored.sum())  # the step's one host sync
         n_ctx_slots = n_ctx - expanded
         if expanded == n_ctx and n_scored == len(slots):
             harvest.append(slots)
@@ -227,7 +230,8 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
         expand = [j for j in range(expanded, n_ctx) if lengths[j] == pos]
         if expand or n_scored >= max(1.0, COMPACT_FRACTION * len(slots)):
             slots, index = _reindex(slots, n_scored, n_ctx_slots, [batch[j][1] for j in expand],
-                                    harvest)
+                                    harvest, lambda rows: sampling_lib.row_keys(
+                                        cfg.seed, iteration, rows, 0))
             ctx = inference.reindex_context(model, ctx, index)
             if is_last:
                 logits = logits[index]
@@ -238,9 +242,7 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
         sampling = (slots.row >= 0) & ~slots.done
         if is_last:
             # Noise keyed by the thought position u, not the absolute position.
-            rows = slots.row[:n_row_slots]
-            keys = sampling_lib.splitmix64(
-                sampling_lib.row_keys(cfg.seed, iteration, rows, 0) ^ slots.n_tok[:n_row_slots])
+            keys = sampling_lib.splitmix64(slots.key[:n_row_slots] ^ slots.n_tok[:n_row_slots])
             tok = sampling_lib.gumbel_max_sample(logits[:n_row_slots], keys, cfg.temperature,
                                                  vocab.start, tp_group,
                                                  vocab_size=vocab.vocab_size)
@@ -290,9 +292,10 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
 
 
 def _reindex(slots: _Slots, n_scored: int, n_ctx_slots: int, expand_rows: list[list[int]],
-             harvest: list[_Slots]) -> tuple[_Slots, torch.Tensor]:
+             harvest: list[_Slots], row_keys) -> tuple[_Slots, torch.Tensor]:
     """Drop the scored rows (kept in ``harvest``) and turn the first ``len(expand_rows)`` context
-    slots into one row slot per global row of their group; returns the new slots and the index
+    slots into one row slot per global row of their group (with its sampling key,
+    ``row_keys(rows)``); returns the new slots and the index
     of each new slot in the old ones (for the cache). No host sync: the scored rows' count is
     known, and a stable sort puts them last without looking at which they are."""
     order = torch.argsort(slots.scored.to(torch.int8), stable=True)
@@ -308,6 +311,8 @@ def _reindex(slots: _Slots, n_scored: int, n_ctx_slots: int, expand_rows: list[l
                                                                         output_size=new_rows),
                        order[live_rows + k:n_live]])
     out = slots.select(index)
-    out.row[live_rows:live_rows + new_rows] = torch.tensor(
-        [r for rows in expand_rows for r in rows], dtype=torch.long, device=order.device)
+    rows = torch.tensor([r for rows in expand_rows for r in rows], dtype=torch.long,
+                        device=order.device)
+    out.row[live_rows:live_rows + new_rows] = rows
+    out.key[live_rows:live_rows + new_rows] = row_keys(rows)
     return out, index
