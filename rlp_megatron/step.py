@@ -218,11 +218,14 @@ class RLPStep:
         mbs = self.micro_batch_size
         batch = dict(tokens=rows.tokens, position_ids=rows.position_ids, labels=rows.labels,
                      target_pos=rows.target_pos)
-        trim = _trim_micro_batches()
-        pad = 0 if trim else (-len(groups)) % mbs  # PP: every micro-batch has the schedule's shape
-        batch = {k: torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) if pad else v
-                 for k, v in batch.items()}
-        batches = _micro_batches(batch, mbs, trim=trim)
+        if _trim_micro_batches():  # contexts of similar widths together, at most mbs each
+            sizes = _length_buckets([len(c) for c in contexts], mbs)
+            batches = _micro_batches(batch, mbs, trim=True, sizes=sizes)
+        else:  # PP: every micro-batch has the schedule's shape
+            pad = (-len(groups)) % mbs
+            batch = {k: torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) if pad else v
+                     for k, v in batch.items()}
+            batches = _micro_batches(batch, mbs)
         data.teacher_widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in batches]
         with self.teacher.swapped_in():
             out = _forward_only(model, batches,
@@ -363,19 +366,36 @@ def _to_device(mb: dict) -> dict:
     return {k: v.cuda(non_blocking=True) for k, v in mb.items()}
 
 
-def _micro_batches(fields: dict, mbs: int, trim: bool = False) -> list[dict]:
-    """Consecutive rows in micro-batches of ``mbs``; with ``trim``, each cut to its own longest
-    row (``target_pos`` + 1) instead of the step's."""
+def _micro_batches(fields: dict, mbs: int, trim: bool = False,
+                   sizes: list[int] | None = None) -> list[dict]:
+    """Consecutive rows in micro-batches of ``mbs`` (or of ``sizes``); with ``trim``, each cut to
+    its own longest row (``target_pos`` + 1) instead of the step's."""
     n, width = fields["tokens"].shape
-    out = []
-    for i in range(0, n, mbs):
-        mb = {k: v[i : i + mbs] for k, v in fields.items()}
+    if sizes is None:
+        sizes = [min(mbs, n - i) for i in range(0, n, mbs)]
+    out, i = [], 0
+    for size in sizes:
+        mb = {k: v[i : i + size] for k, v in fields.items()}
+        i += size
         if trim:
             w = int(mb["target_pos"].max()) + 1
             mb = {k: v[:, :w] if v.dim() > 1 and v.shape[1] == width else v
                   for k, v in mb.items()}
         out.append(mb)
     return out
+
+
+def _length_buckets(widths: list[int], max_rows: int, slack: float = 1 / 16) -> list[int]:
+    """Sizes of consecutive buckets of ``widths`` (sorted ascending), each at most ``max_rows``
+    rows, closed early when padding to the bucket's widest row would exceed ``slack`` of its
+    tokens: a forward over a bucket computes at most (1 + slack) × its useful positions."""
+    sizes, n, total = [], 0, 0
+    for w in widths:
+        if n and (n == max_rows or (n + 1) * w > (1 + slack) * (total + w)):
+            sizes.append(n)
+            n, total = 0, 0
+        n, total = n + 1, total + w
+    return sizes + [n] if n else sizes
 
 
 def _trim_micro_batches() -> bool:

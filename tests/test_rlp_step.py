@@ -15,6 +15,7 @@ import torch
 from harness import (TINY_GPT, TRAIN_FLAGS, assert_same_gradients, decode_vs_teacher_forcing,
                      read_jsonl, torchrun)
 from rlp_megatron import objective
+from rlp_megatron import step as step_lib
 
 G, THOUGHT, ITERS, TAU = 4, 16, 3, 0.5
 RLP_FLAGS = [
@@ -108,10 +109,13 @@ def test_flops_count_is_the_rlp_steps_not_ntps(runs):
                       for i in range(0, len(widths), mbs)]
             assert [tuple(u) for u in r["update_widths"]] == update
             assert r["thought_mask"].shape[1] == max(widths) < seq_len
-            # Teacher rows: the context (the prompt without <think>); one per group, no padding.
+            # Teacher rows: the context (the prompt without <think>); one per group, no padding
+            # rows, buckets of similar widths.
             contexts = sorted(len(prompts[g]) - 1 for g in groups)
-            teacher = [(len(contexts[i:i + mbs]), max(contexts[i:i + mbs]))
-                       for i in range(0, len(contexts), mbs)]
+            teacher, i = [], 0
+            for size in step_lib._length_buckets(contexts, mbs):
+                teacher.append((size, contexts[i + size - 1]))
+                i += size
             assert [tuple(t) for t in r["teacher_widths"]] == teacher
             n, c = len(r["rows"]), len(groups)
             if name == "tp1":  # fused
@@ -126,6 +130,20 @@ def test_flops_count_is_the_rlp_steps_not_ntps(runs):
                             + sum(k * fwd[w] for k, w in teacher) + fwd[seq_len] / seq_len * fed)
             assert reported == pytest.approx(expected, rel=1e-9)
             assert reported > sum(3 * k * fwd[w] for k, w in update)  # more than the update
+
+
+def test_length_buckets_bound_the_padding_of_each_micro_batch():
+    widths = [3, 4, 4, 5, 9, 30, 31, 31, 32, 32, 32, 64]
+    sizes = step_lib._length_buckets(widths, max_rows=4, slack=1 / 16)
+    assert sum(sizes) == len(widths) and max(sizes) <= 4
+    i = 0
+    for size in sizes:
+        bucket = widths[i:i + size]
+        assert size * max(bucket) <= (1 + 1 / 16) * sum(bucket)
+        i += size
+    assert sizes == [1, 2, 1, 1, 4, 2, 1]  # greedy: a bucket closes only when it must
+    assert step_lib._length_buckets([7] * 9, max_rows=4) == [4, 4, 1]
+    assert step_lib._length_buckets([], max_rows=4) == []
 
 
 @pytest.mark.slow
