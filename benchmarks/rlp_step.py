@@ -41,7 +41,9 @@ TFLOP/s has one decimal (0.0 on CPU), hence the FLOP count from the hook. RLP me
    ``rlp/thought_len`` ≈ L up to a few hundred (shown, with the closed fraction); a row leaves
    the batch once its thought is scored. decode steps = the rollout's one-token forwards (from
    the dump); row·tokens = ``fed_tokens`` − prefill (every row fed at every step it was in the
-   batch); ms / step = ``rlp/time_rollout_s`` ÷ steps; ms / row·token = ``rlp/time_rollout_s`` ÷
+   batch); ms / step = ``rlp/time_rollout_s`` ÷ steps, and its ratio to the shortest L (the
+   cost of a position for the whole batch: rows that leave early do not make it cheaper on CPU,
+   where a step is mostly fixed cost); ms / row·token = ``rlp/time_rollout_s`` ÷
    row·tokens, median over iterations 2..N, and its ratio to the shortest L; the marginal column
    is the cost of the row·tokens added since the previous L, ΔT ÷ Δrow·tokens, i.e. decoding at
    positions L/2..L; ms / generated token = ``rlp/time_rollout_s`` ÷ the thought tokens
@@ -358,7 +360,7 @@ def main(argv=None) -> None:
     L0 = c["decode_L"][0]
     print(f"\n## 3. Decode cost per (row·token) against thought length L (GPT; 1 context of 16 "
           f"tokens, G=4: 4 rows; median of iterations 2..{n_dec})\n")
-    rows, base, prev = [], None, None
+    rows, base, base_step, prev = [], None, None, None
     for L, run in decode.items():
         its = [it for it in run["iters"] if it["iteration"] >= 2]
         for it in its:
@@ -370,17 +372,19 @@ def main(argv=None) -> None:
         per = median([it["rlp/time_rollout_s"] / it["row_tokens"] for it in its]) * 1000
         per_gen = median([it["rlp/time_rollout_s"] / it["generated"] for it in its]) * 1000
         base = base or per
+        base_step = base_step or t_roll / steps
         marginal = ""
         if prev is not None:
             marginal = f"{(t_roll - prev[0]) / (row_tokens - prev[1]) * 1000:.3f}"
         prev = (t_roll, row_tokens)
         rows.append([L, f"{steady(run, 'rlp/thought_len', first=1):.1f}",
                      f"{steady(run, 'rlp/closed_frac', first=1):.2f}", f"{steps:.0f}",
-                     f"{t_roll:.3f}", f"{t_roll / steps * 1000:.2f}", f"{per:.3f}",
+                     f"{t_roll:.3f}", f"{t_roll / steps * 1000:.2f}",
+                     f"{t_roll / steps / base_step:.2f}", f"{per:.3f}",
                      f"{per / base:.2f}", marginal, f"{per_gen:.3f}"])
     print(table(["L", "thought_len", "closed", "decode steps", "rollout s", "ms / step",
-                 "ms / row·token", f"ratio to L={L0}", "marginal ms / row·token (previous L..L)",
-                 "ms / generated token"], rows))
+                 f"ms / step: ratio to L={L0}", "ms / row·token", f"ratio to L={L0}",
+                 "marginal ms / row·token (previous L..L)", "ms / generated token"], rows))
     print("\nthought_len and closed: median over all iterations; row·tokens = tokens fed after "
           "the prefill (a row whose thought closed early leaves the batch: fewer rows share the "
           "later steps' fixed cost, which ms / row·token includes and ms / step does not).")
