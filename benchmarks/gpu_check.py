@@ -18,7 +18,8 @@ job's own output and files:
 * the EMA teacher's sidecar (``iter_*/rlp_ema`` with its completion marker) is written.
 
 It prints decode tokens/s, the RLP and NTP iteration times (medians after the first two
-iterations) and the peak memory Megatron reports next to the estimate of
+iterations), the RLP phase split and RLP vs NTP achieved TFLOP/s per GPU (Megatron's
+``--log-throughput``: the figures of ``benchmarks/rlp_step.py``) and the peak memory Megatron reports next to the estimate of
 ``examples/nemotron_nano_12b_v2/memory_estimate.py`` for the same geometry. Then
 ``benchmarks/logprob_memory.py --device cuda`` prints the peak memory and time of the four log-prob
 paths (full-vocab gather, Megatron's vocab-parallel cross-entropy, ``vocab_parallel_logprobs``,
@@ -129,7 +130,7 @@ def job_flags(model_flags: list[str], job: dict, out: Path, tiny: bool) -> list[
              "--micro-batch-size", str(job["mbs"]), "--global-batch-size", str(job["gbs"]),
              "--lr", "1e-6", "--min-lr", "1e-6", "--lr-decay-style", "constant",
              "--train-iters", str(job["iters"]), "--log-interval", "1", "--eval-iters", "0",
-             "--eval-interval", "100000", "--save", str(out / "ckpt"),
+             "--eval-interval", "100000", "--log-throughput", "--save", str(out / "ckpt"),
              "--save-interval", str(job["iters"]),
              "--objective", "rlp", "--rlp-ntp-every", "2", "--rlp-group-size", str(job["G"]),
              "--rlp-thought-length", str(job["thought"]),
@@ -165,8 +166,12 @@ def run_model(name: str, model_flags: list[str], job: dict, root: Path, tiny: bo
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
     times = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
         r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([\d.]+)", proc.stdout)}
+    tflops = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+        r"iteration\s+(\d+)/\s*\d+ \|.*?throughput per GPU \(TFLOP/s/GPU\): ([\d.]+)",
+        proc.stdout)}
     peak = [float(x) for x in re.findall(r"max allocated: ([\d.]+)", proc.stdout)]
-    result.update(metrics=metrics, times=times, peak_mb=max(peak) if peak else None,
+    result.update(metrics=metrics, times=times, tflops=tflops,
+                  peak_mb=max(peak) if peak else None,
                   sidecars=sorted(str(p.parent.relative_to(out)) for p in
                                   (out / "ckpt").glob("iter_*/rlp_ema/rlp_ema_complete.json")))
     return result
@@ -256,8 +261,16 @@ def report(result: dict, geometry: dict, job: dict) -> str:
     mism_max = max((m["rlp/logprob_mismatch_max"] for m in rlp), default=float("nan"))
     peak = f"{result['peak_mb'] / 1024:.2f} GiB" if result["peak_mb"] else "n/a (CPU)"
     ratio = f"{t_rlp / t_ntp:.1f}x" if t_rlp and t_ntp else "n/a"
+    # benchmarks/rlp_step.py's figures on this GPU: the phase split and RLP vs NTP achieved FLOP/s
+    # (Megatron's --log-throughput, which counts the FLOPs RLP actually runs).
+    phases = "/".join(f"{statistics.median(m[f'rlp/time_{k}_s'] for m in rlp) * 1000:.0f}"
+                      if rlp else "n/a" for k in ("rollout", "teacher", "update"))
+    f_rlp = _median_after_warmup(result["tflops"], [m["iteration"] for m in rlp])
+    f_ntp = _median_after_warmup(result["tflops"], [m["iteration"] for m in ntp])
+    f_ratio = f"{f_rlp / f_ntp:.2f}" if f_rlp and f_ntp else "n/a"
     return (f"{result['name']}: decode {tok_s:,.0f} tok/s | RLP iteration {t_rlp:.0f} ms vs NTP "
-            f"{t_ntp:.0f} ms ({ratio}) | peak memory {peak} vs estimate "
+            f"{t_ntp:.0f} ms ({ratio}) | rollout/teacher/update {phases} ms | TFLOP/s/GPU RLP "
+            f"{f_rlp} vs NTP {f_ntp} (ratio {f_ratio}) | peak memory {peak} vs estimate "
             f"{memory_estimate_gib(geometry, job):.2f} GiB | logprob_mismatch mean {mism:.2e} "
             f"(max token {mism_max:.2e}) | sidecars {result['sidecars']} | wall "
             f"{result['wall_s']:.0f} s")
