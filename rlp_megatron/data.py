@@ -56,7 +56,13 @@ def resolve_think_tokens(tokenizer, spec: list[str] | None) -> ThinkTokens:
                          or _is_null_tokenizer(tokenizer)):
         eod = int(tokenizer.eod)
         return ThinkTokens(open=eod - 2, close=eod - 1)
-    ids = [_single_token_id(tokenizer, text) for text in (spec or ["<think>", "</think>"])]
+    texts = spec or ["<think>", "</think>"]
+    ids = [_single_token_id(tokenizer, text) for text in texts]
+    size = getattr(tokenizer, "vocab_size", None)
+    for text, i in zip(texts, ids):
+        if i < 0 or (isinstance(size, int) and i >= size):
+            raise ValueError(f"--rlp-think-tokens: {text!r} is id {i}, outside the vocabulary "
+                             f"[0, {size})")
     if ids[0] == ids[1]:
         raise ValueError("--rlp-think-tokens: the two delimiters map to the same id")
     return ThinkTokens(open=ids[0], close=ids[1])

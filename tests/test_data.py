@@ -138,3 +138,15 @@ def test_think_tokens_from_a_real_sentencepiece_tokenizer(tmp_path):
     plain = make_tiny_corpus.train_tokenizer(docs, tmp_path / "plain", 300, think_tokens=False)
     with pytest.raises(ValueError, match="--rlp-think-tokens: '<think>' is [0-9]+ tokens"):
         resolve_think_tokens(SentencePieceTokenizer(str(plain)), None)
+
+
+def test_think_tokens_must_be_ids_of_the_vocabulary():
+    """NullTokenizer "tokenizes" any integer text to that integer: an id past the vocabulary
+    (or negative) would otherwise reach the embedding lookup mid-rollout."""
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    tok = NullTokenizer(vocab_size=4097)
+    assert resolve_think_tokens(tok, ["4094", "4095"]) == ThinkTokens(4094, 4095)
+    for spec in (["4095", "99999"], ["-3", "7"]):
+        with pytest.raises(ValueError, match=r"--rlp-think-tokens: .* outside the vocabulary"):
+            resolve_think_tokens(tok, spec)
