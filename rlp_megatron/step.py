@@ -26,6 +26,7 @@ Choices (the paper leaves them open; rlp_spec §7):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from functools import partial
 
@@ -218,14 +219,9 @@ class RLPStep:
         mbs = self.micro_batch_size
         batch = dict(tokens=rows.tokens, position_ids=rows.position_ids, labels=rows.labels,
                      target_pos=rows.target_pos)
-        if _trim_micro_batches():  # contexts of similar widths together, at most mbs each
-            sizes = _length_buckets([len(c) for c in contexts], mbs)
-            batches = _micro_batches(batch, mbs, trim=True, sizes=sizes)
-        else:  # PP: every micro-batch has the schedule's shape
-            pad = (-len(groups)) % mbs
-            batch = {k: torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) if pad else v
-                     for k, v in batch.items()}
-            batches = _micro_batches(batch, mbs)
+        # Contexts of similar widths together, at most mbs each, each bucket at its own width.
+        batches = _micro_batches(batch, mbs, trim=True,
+                                 sizes=_length_buckets([len(c) for c in contexts], mbs))
         data.teacher_widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in batches]
         with self.teacher.swapped_in():
             out = _forward_only(model, batches,
@@ -290,7 +286,7 @@ class RLPStep:
         # Per-thought loss sums are scaled so that Megatron's per-micro-batch averaging and DP
         # gradient averaging add up to (1 / global thoughts) Σ loss (see loss_func).
         self._loss_scale = num_microbatches * dp_size / max(1, getattr(self, "_num_thoughts_global", n))
-        batches = _micro_batches(fields, self.micro_batch_size, trim=_trim_micro_batches())
+        batches = _micro_batches(fields, self.micro_batch_size, trim=True)
         data.update_widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in batches]
         return RerunDataIterator(iter(batches))
 
@@ -398,10 +394,22 @@ def _length_buckets(widths: list[int], max_rows: int, slack: float = 1 / 16) -> 
     return sizes + [n] if n else sizes
 
 
-def _trim_micro_batches() -> bool:
-    """Micro-batches may differ in width without pipeline parallelism; with it, Megatron's
-    schedule sends activations of one fixed shape (``--variable-seq-lengths`` is not used)."""
-    return mpu.get_pipeline_model_parallel_world_size() == 1
+@contextlib.contextmanager
+def variable_seq_lengths(model):
+    """Megatron's pipeline schedules exchange each micro-batch's shape before its activations
+    (``config.variable_seq_lengths``; Megatron's argument parser always sets it False, since NTP
+    windows have one length), so RLP's micro-batches, each cut to its own longest row, can differ
+    in width at PP > 1. Costs one small send per micro-batch and stage; NTP iterations
+    (``--rlp-ntp-every``) keep the fixed-shape path."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model[0])
+    saved = config.variable_seq_lengths
+    config.variable_seq_lengths = True
+    try:
+        yield
+    finally:
+        config.variable_seq_lengths = saved
 
 
 def _processor(request: LogprobRequest) -> dict:
@@ -453,7 +461,7 @@ def _target_labels(mb: dict) -> torch.Tensor:
 
 def _forward_only(model, batches, forward_step, seq_length, mbs):
     """Megatron's schedule, forward only; returns per-micro-batch dicts on the last stage."""
-    with torch.no_grad():
+    with torch.no_grad(), variable_seq_lengths(model):
         out = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=model,
             num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=mbs,

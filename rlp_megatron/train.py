@@ -78,7 +78,7 @@ from rlp_megatron import teacher as teacher_lib
 from rlp_megatron.backends import cpu as cpu_backend
 from rlp_megatron.data import RLPDataset, load_prompt_tokens, resolve_think_tokens
 from rlp_megatron.logprobs import fp32_output_layer
-from rlp_megatron.step import RLPStep, StepData
+from rlp_megatron.step import RLPStep, StepData, variable_seq_lengths
 from rlp_megatron.teacher import EMATeacher
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
@@ -320,7 +320,9 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
         step.advantages(data)
     t2 = time.perf_counter()
     batches = step.update_batches(data, num_mb)
-    with _seq_length(args, data.length):  # the schedule's (PP) shapes: the rows' width
+    # Micro-batches of different widths (variable_seq_lengths: PP exchanges their shapes);
+    # --seq-length set to the widest, for anything that still reads it.
+    with _seq_length(args, data.length), variable_seq_lengths(model):
         out = orig_train_step(step.forward_step, batches, model, optimizer, scheduler, config,
                               forward_backward_func, iteration=iteration, **kwargs)
     if mpu.is_pipeline_last_stage():

@@ -87,6 +87,21 @@ def test_layout_matches_tp1_pp1(runs, layout):
 
 
 @pytest.mark.slow
+def test_pp2_micro_batches_are_cut_to_their_own_rows_as_at_pp1(runs):
+    """Megatron's schedule at PP=2 exchanges each micro-batch's shape (RLP runs it with
+    variable_seq_lengths), so the update's and the teacher's micro-batches have the same widths
+    as at PP=1 — each its own longest row, not the step's."""
+    for a, b in zip(runs["tp1"]["rollouts"], runs["pp2"]["rollouts"]):
+        assert b["update_widths"] == a["update_widths"]
+        assert b["teacher_widths"] == a["teacher_widths"]
+        widths = [len(p) + len(t) + (not c)
+                  for p, t, c in zip(b["prompts"], b["thoughts"], b["closed"])]
+        assert widths == sorted(widths)
+        assert [tuple(u) for u in b["update_widths"]] == [
+            (len(widths[i:i + 2]), max(widths[i:i + 2])) for i in range(0, len(widths), 2)]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
 def test_tied_thoughts_use_only_real_token_ids_and_the_sidecar_is_written(runs, layout):
     tokens = [t for r in runs[layout]["rollouts"] for th in r["thoughts"] for t in th]
