@@ -234,6 +234,9 @@ def _prompt_prefix_length(args) -> int:
         return len(load_prompt_tokens(_tokenizer(args), args.rlp_prompt_file))
     except OSError as exc:
         _fail(f"--rlp-prompt-file: cannot read {args.rlp_prompt_file!r} ({exc.strerror})")
+    except UnicodeDecodeError as exc:
+        _fail(f"--rlp-prompt-file: {args.rlp_prompt_file!r} is not UTF-8 text ({exc.reason} at "
+              f"byte {exc.start})")
 
 
 def _check_think_tokens(args) -> None:

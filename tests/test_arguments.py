@@ -105,3 +105,14 @@ def test_startup_fails_before_building_the_model():
     assert last.startswith("rlp_megatron: --rlp-group-size must be an integer >= 2")
     assert last.endswith("got 1")
     assert "building GPT model" not in proc.stdout and "> initializing torch distributed" not in proc.stdout
+
+
+def test_prompt_file_that_is_missing_or_not_text_fails_naming_the_flag(tmp_path):
+    binary = tmp_path / "prompt.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81 not utf-8")
+    for path, why in ((tmp_path / "missing.txt", "cannot read"), (binary, "not UTF-8 text")):
+        with pytest.raises(SystemExit, match=f"--rlp-prompt-file: .*{why}"):
+            arguments.validate_rlp_args(_args(rlp_prompt_file=str(path)))
+    text = tmp_path / "prompt.txt"
+    text.write_text("1 2 3")
+    arguments.validate_rlp_args(_args(rlp_prompt_file=str(text)))
