@@ -217,6 +217,16 @@ def sidecar_state(iteration_dir) -> str:
     return "valid" if os.path.exists(os.path.join(path, SIDECAR_MARKER)) else "incomplete"
 
 
+def _first_cause(exc: BaseException) -> str:
+    """One line for an exception; for torch's CheckpointException, the first rank's cause."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = next(iter(failures.values()))[0]
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {line[:300] + ' …' if len(line) > 300 else line}"
+
+
 def load_sidecar(model_chunks, iteration_dir, decay: float) -> EMATeacher:
     """φ from ``iteration_dir/rlp_ema``, resharded to this run's layout; SidecarError naming the
     path if it is incomplete, corrupt, or does not match the model."""
@@ -230,11 +240,14 @@ def load_sidecar(model_chunks, iteration_dir, decay: float) -> EMATeacher:
     target = {n: torch.empty(p.shape, dtype=torch.float32, device=p.device) for n, p in names.items()}
     sd, paths = ema_sharded_state_dict(model_chunks, target)
     sd["rlp_ema_meta"] = None
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         loaded = dist_checkpointing.load(sd, path)
-    except Exception as exc:  # dist_checkpointing raises several types for bad/mismatched data
-        raise SidecarError(f"cannot load EMA teacher sidecar {path}: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    # dist_checkpointing raises several types for bad/mismatched data; torch's
+    # CheckpointException (a damaged shard, another model's shapes) is a BaseException.
+    except (Exception, CheckpointException) as exc:
+        raise SidecarError(f"cannot load EMA teacher sidecar {path}: {_first_cause(exc)}") from exc
     ema = {}
     for p, name in paths.items():
         t = loaded

@@ -125,7 +125,7 @@ def read_jsonl(path) -> list[dict]:
 TINY_HYBRID_PATTERN = "M*-M-"
 
 
-def tiny_hybrid(normalization="RMSNorm", pattern=None):
+def tiny_hybrid(normalization="RMSNorm", pattern=None, hidden_size=64):
     """A small Megatron HybridModel (Mamba, attention with RoPE, MLP) built in-process from
     ``hybrid_local_stack_spec``, fp32, vocabulary 97; needs the ``model_parallel`` fixture."""
     import torch
@@ -135,7 +135,8 @@ def tiny_hybrid(normalization="RMSNorm", pattern=None):
     from rlp_megatron.specs import hybrid_local_stack_spec
 
     config = TransformerConfig(
-        num_layers=len(pattern or TINY_HYBRID_PATTERN), hidden_size=64, ffn_hidden_size=128,
+        num_layers=len(pattern or TINY_HYBRID_PATTERN), hidden_size=hidden_size,
+        ffn_hidden_size=2 * hidden_size,
         num_attention_heads=4,
         mamba_num_heads=4, mamba_head_dim=16, mamba_state_dim=16, mamba_num_groups=2,
         normalization=normalization, gradient_accumulation_fusion=False,

@@ -1,0 +1,94 @@
+"""Faults and bad input (issue "a fault matrix"): each case is injected and must end in one clear
+error naming the file, before any work is lost — or be survived.
+
+In-process cases on a real Megatron hybrid model and real ``dist_checkpointing`` files: the EMA
+teacher's sidecar written by ``save_sidecar`` and then damaged. (Multi-process cases — SIGTERM,
+a crash between the sidecar and its marker — live in ``tests/test_objective_switch.py``; a
+prompt file that is missing or not text in ``tests/test_arguments.py``; a tokenizer without the
+think tokens in ``tests/test_data.py``.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rlp_megatron  # noqa: F401  (enables the CPU backend before any Megatron model code runs)
+from harness import tiny_hybrid
+from rlp_megatron import teacher as teacher_lib
+
+
+@pytest.fixture(scope="module")
+def saved(model_parallel, tmp_path_factory):
+    """A sidecar of a tiny hybrid whose φ differs from θ (so a load can be told from a fresh φ)."""
+    model = tiny_hybrid()
+    teacher = teacher_lib.EMATeacher([model], decay=0.5)
+    with torch.no_grad():
+        for t in teacher.ema.values():
+            t.add_(1.0)
+    teacher.num_updates = 3
+    root = tmp_path_factory.mktemp("sidecar")
+    teacher_lib.save_sidecar(teacher, root / "iter_0000003", 3)
+    return model, teacher, root
+
+
+def _copy(root, tmp_path):
+    import shutil
+
+    shutil.copytree(root / "iter_0000003", tmp_path / "iter_0000003")
+    return tmp_path / "iter_0000003"
+
+
+def test_sidecar_round_trip(saved):
+    model, teacher, root = saved
+    loaded = teacher_lib.load_sidecar([model], root / "iter_0000003", decay=0.5)
+    assert loaded.num_updates == 3
+    for name, t in teacher.ema.items():
+        assert torch.equal(loaded.ema[name], t), name
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "deleted"])
+def test_a_damaged_sidecar_shard_is_one_error_naming_the_sidecar(saved, tmp_path, damage):
+    model, _, root = saved
+    iteration_dir = _copy(root, tmp_path)
+    shards = sorted((iteration_dir / "rlp_ema").glob("*.distcp"))
+    assert shards, list((iteration_dir / "rlp_ema").iterdir())
+    shard = shards[0]
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "zeroed":
+        shard.write_bytes(bytes(shard.stat().st_size))
+    else:
+        shard.unlink()
+    with pytest.raises(teacher_lib.SidecarError, match=r"cannot load EMA teacher sidecar .*rlp_ema"):
+        try:
+            teacher_lib.load_sidecar([model], iteration_dir, decay=0.5)
+        except teacher_lib.SidecarError as exc:
+            _one_line(exc)
+            raise
+
+
+def _one_line(exc):
+    print(exc)
+    assert "\n" not in str(exc), str(exc)[:2000]  # not torch's multi-page CheckpointException
+
+
+def test_a_sidecar_without_its_marker_is_incomplete(saved, tmp_path):
+    model, _, root = saved
+    iteration_dir = _copy(root, tmp_path)
+    (iteration_dir / "rlp_ema" / teacher_lib.SIDECAR_MARKER).unlink()
+    with pytest.raises(teacher_lib.SidecarError, match=r"sidecar .*rlp_ema is incomplete"):
+        teacher_lib.load_sidecar([model], iteration_dir, decay=0.5)
+
+
+@pytest.mark.parametrize("other", ["hidden size 32", "one layer more"])
+def test_a_sidecar_of_another_model_is_one_error_naming_the_sidecar(saved, other):
+    _, _, root = saved
+    model = tiny_hybrid(hidden_size=32) if other == "hidden size 32" else tiny_hybrid(
+        pattern="M*-M-M")
+    with pytest.raises(teacher_lib.SidecarError, match=r"EMA teacher sidecar .*rlp_ema"):
+        try:
+            teacher_lib.load_sidecar([model], root / "iter_0000003", decay=0.5)
+        except teacher_lib.SidecarError as exc:
+            _one_line(exc)
+            raise
