@@ -103,6 +103,36 @@ def load_prompt_tokens(tokenizer, path: str | None) -> list[int]:
     return [int(t) for t in tokenizer.tokenize(text)]
 
 
+def check_indexed_dataset(prefix: str) -> None:
+    """ValueError naming the file unless ``prefix.bin`` is exactly as long as ``prefix.idx``
+    says. Megatron opens a truncated .bin, or a .bin next to another corpus's .idx, without
+    complaint and fails ("buffer is smaller than requested size") only when a step reads a
+    damaged sample, or reads another corpus's bytes silently. (A .bin of exactly the expected
+    size but other contents cannot be told apart here.)"""
+    import os
+
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    idx, bin_ = f"{prefix}.idx", f"{prefix}.bin"
+    for path in (idx, bin_):
+        if not os.path.isfile(path):
+            raise ValueError(f"indexed dataset: {path} does not exist")
+    try:
+        index = _IndexReader(idx, multimodal=False)
+    except Exception as exc:  # a damaged header, a short file
+        raise ValueError(f"indexed dataset: cannot read {idx}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    expected = 0
+    if len(index.sequence_lengths):
+        expected = (int(index.sequence_pointers[-1])
+                    + int(index.sequence_lengths[-1]) * index.dtype_size)
+    actual = os.path.getsize(bin_)
+    if actual != expected:
+        raise ValueError(f"indexed dataset: {bin_} has {actual} bytes but {idx} describes "
+                         f"{expected} ({len(index.sequence_lengths)} sequences): a truncated "
+                         f".bin, or an .idx of another file")
+
+
 # ---------------------------------------------------------------------------------------------
 # Position sampling (pure numpy, deterministic per group)
 

@@ -76,7 +76,8 @@ from rlp_megatron import arguments as rlp_arguments
 from rlp_megatron import megatron_fixes
 from rlp_megatron import teacher as teacher_lib
 from rlp_megatron.backends import cpu as cpu_backend
-from rlp_megatron.data import RLPDataset, load_prompt_tokens, resolve_think_tokens
+from rlp_megatron.data import (RLPDataset, check_indexed_dataset, load_prompt_tokens,
+                               resolve_think_tokens)
 from rlp_megatron.logprobs import fp32_output_layer
 from rlp_megatron.step import RLPStep, StepData, variable_seq_lengths
 from rlp_megatron.teacher import EMATeacher
@@ -119,6 +120,19 @@ def gpt_dataset_config(args) -> GPTDatasetConfig:
     return GPTDatasetConfig(**{k: v for k, v in values.items() if k in known})
 
 
+def _check_data_files(args) -> None:
+    """Every .bin/.idx pair of the blend is whole (see data.check_indexed_dataset): one line
+    naming the file now, not a failed read hours into the run."""
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    blends = [blend] if blend is not None else list(blend_per_split or [])
+    for b in blends:
+        for prefix in (b[0] if b else []):
+            try:
+                check_indexed_dataset(prefix)
+            except ValueError as exc:
+                raise SystemExit(f"rlp_megatron: {exc}") from None
+
+
 def _dataset_built_on_rank(vp_stage=None):
     return mpu.get_tensor_model_parallel_rank() == 0 and is_first_or_last_pipeline_stage(vp_stage)
 
@@ -128,6 +142,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     is wrapped so that each sample also carries its global index (see rlp_megatron.data)."""
     args = get_args()
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    if not args.mock_data:
+        _check_data_files(args)
     print_rank_0("> building train, validation, and test datasets ...")
     train, valid, test = BlendedMegatronDatasetBuilder(
         dataset_type,

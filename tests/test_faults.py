@@ -92,3 +92,37 @@ def test_a_sidecar_of_another_model_is_one_error_naming_the_sidecar(saved, other
         except teacher_lib.SidecarError as exc:
             _one_line(exc)
             raise
+
+
+def _indexed(prefix, lengths):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for n in lengths:
+        builder.add_document(np.arange(n, dtype=np.int32), [n])
+    builder.finalize(f"{prefix}.idx")
+
+
+@pytest.mark.parametrize("damage", ["truncated .bin", ".idx of another corpus", "missing .bin"])
+def test_a_damaged_indexed_dataset_fails_at_startup_naming_the_file(tmp_path, damage):
+    """Megatron opens a truncated .bin (or a .bin with another corpus's .idx) without complaint
+    and fails only when a training step reads the damaged sample ("buffer is smaller than
+    requested size"), possibly hours in; the check runs where the datasets are built."""
+    from rlp_megatron.data import check_indexed_dataset
+
+    good, other = tmp_path / "good", tmp_path / "other"
+    _indexed(good, [5, 7, 9])
+    _indexed(other, [5, 7, 9, 11])
+    check_indexed_dataset(str(good))
+    bad = tmp_path / "bad"
+    (tmp_path / "bad.idx").write_bytes((good.with_suffix(".idx")).read_bytes())
+    data = good.with_suffix(".bin").read_bytes()
+    if damage == "truncated .bin":
+        (tmp_path / "bad.bin").write_bytes(data[:-8])
+    elif damage == ".idx of another corpus":
+        (tmp_path / "bad.idx").write_bytes((other.with_suffix(".idx")).read_bytes())
+        (tmp_path / "bad.bin").write_bytes(data)
+    with pytest.raises(ValueError, match=rf"{bad}\.(bin|idx)") as info:
+        check_indexed_dataset(str(bad))
+    _one_line(info.value)

@@ -79,3 +79,22 @@ def test_tokenizer_without_think_tokens_fails_at_startup(corpus, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("rlp_megatron: --rlp-think-tokens: '<think>' is ")
     assert "building GPT model" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_truncated_bin_fails_before_training_naming_the_file(corpus, tmp_path):
+    """Megatron would open it and fail at the step that reads the lost bytes."""
+    import shutil
+
+    prefix = tmp_path / "corpus_text_document"
+    shutil.copy(corpus / "corpus_text_document.idx", f"{prefix}.idx")
+    data = (corpus / "corpus_text_document.bin").read_bytes()
+    (tmp_path / "corpus_text_document.bin").write_bytes(data[: len(data) - 4096])
+    flags = _data_flags(corpus)
+    flags[flags.index("--data-path") + 1] = str(prefix)
+    proc = torchrun(1, ["-m", "rlp_megatron.train", *GPT, *TRAIN_FLAGS, *flags, *RLP],
+                    check=False)
+    assert proc.returncode != 0
+    expected = f"rlp_megatron: indexed dataset: {prefix}.bin has "
+    assert any(line.startswith(expected) for line in proc.stderr.splitlines()), proc.stderr[-3000:]
+    assert " iteration " not in proc.stdout  # no training step ran
