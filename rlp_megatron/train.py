@@ -633,7 +633,26 @@ def parse_args(argv=None):
     )
     cpu_backend.check_cpu_args(args)
     rlp_arguments.validate_rlp_args(args)
+    _check_load_dir(args)
     return args
+
+
+def _check_load_dir(args) -> None:
+    """A ``--load`` tracker naming an iteration whose directory is missing (deleted, or copied
+    without it) stops the job here with one line; Megatron would fail deep in its loader with a
+    traceback after building the model."""
+    load = getattr(args, "load", None)
+    tracker = os.path.join(load, "latest_checkpointed_iteration.txt") if load else None
+    if not tracker or not os.path.isfile(tracker) or getattr(args, "ckpt_step", None):
+        return
+    text = open(tracker).read().strip()
+    if not text.isdigit():  # "release", or a malformed file: Megatron's own checks apply
+        return
+    iteration_dir = os.path.join(load, f"iter_{int(text):07d}")
+    if not os.path.isdir(iteration_dir):
+        raise SystemExit(f"rlp_megatron: --load {load}: latest_checkpointed_iteration.txt names "
+                         f"iteration {int(text)}, but {iteration_dir} does not exist; point the "
+                         f"tracker at a complete iteration, or pass --ckpt-step")
 
 
 def main(argv=None):

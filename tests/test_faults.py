@@ -126,3 +126,24 @@ def test_a_damaged_indexed_dataset_fails_at_startup_naming_the_file(tmp_path, da
     with pytest.raises(ValueError, match=rf"{bad}\.(bin|idx)") as info:
         check_indexed_dataset(str(bad))
     _one_line(info.value)
+
+
+def test_a_tracker_naming_a_missing_iteration_fails_at_startup_naming_it(tmp_path):
+    """Megatron reads latest_checkpointed_iteration.txt and fails deep in its loader with a
+    FileNotFoundError traceback; the job stops at argument parsing with one line instead."""
+    import subprocess
+    import sys
+
+    from harness import REPO, TINY_GPT, TRAIN_FLAGS
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("5")
+    (ckpt / "iter_0000003").mkdir()  # an older, complete-looking iteration is not enough
+    proc = subprocess.run([sys.executable, "-m", "rlp_megatron.train", *TINY_GPT, *TRAIN_FLAGS,
+                           "--train-iters", "2", "--load", str(ckpt)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rlp_megatron: --load {ckpt}: latest_checkpointed_iteration.txt "
+                           f"names iteration 5, but {ckpt}/iter_0000005 does not exist"), last
