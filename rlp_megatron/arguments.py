@@ -90,6 +90,10 @@ def add_rlp_args(parser):
     g.add_argument("--rlp-ema-reinit", action="store_true",
                    help="Start the EMA teacher as φ ← θ even if the resumed checkpoint has an "
                         "EMA sidecar (also the way past an incomplete or mismatched sidecar).")
+    g.add_argument("--rlp-max-skipped", type=int, default=10,
+                   help="An RLP step whose rewards are not finite (NaN/Inf S_pred or S_EMA) is "
+                        "skipped and counted (rlp/skipped_steps; no update, no EMA update); "
+                        "this many consecutive skips stop the run.")
     g.add_argument("--rlp-seed", type=int, default=None,
                    help="Seed of positions and thought sampling (default: --seed).")
     g.add_argument("--rlp-metrics-file", type=str, default=None,
@@ -120,6 +124,8 @@ def validate_rlp_args(args) -> None:
             _fail(f"--rlp-{flag.replace('_', '-')} must be >= 1 (got {value})")
     if args.rlp_min_context < 1:
         _fail(f"--rlp-min-context must be >= 1 (got {args.rlp_min_context})")
+    if args.rlp_max_skipped < 1:
+        _fail(f"--rlp-max-skipped must be >= 1 (got {args.rlp_max_skipped})")
     if not args.rlp_temperature > 0:
         _fail(f"--rlp-temperature must be > 0 (got {args.rlp_temperature})")
     if args.rlp_ntp_every < 0 or args.rlp_ntp_every == 1:

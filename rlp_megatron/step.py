@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from functools import partial
 
 import torch
@@ -56,6 +57,8 @@ class StepData:
     generated: rollout_lib.Rollout = None  # the groups this rank generated (and teacher-scores)
     teacher_groups: list[int] = dataclasses.field(default_factory=list)
     s_ema_generated: torch.Tensor = None  # [generated rows] (last stage)
+    finite_rewards: bool = True  # every (valid) reward of the global batch is finite
+    iteration: int = 0  # as logged (1-based)
     tokens: torch.Tensor = None  # [n, S] row layout (see rlp_megatron.data)
     labels: torch.Tensor = None
     thought_mask: torch.Tensor = None
@@ -78,6 +81,12 @@ class StepData:
         return self.tokens.shape[1]
 
 
+# Test hooks: comma-separated iterations (1-based, as logged) whose first reward is made NaN;
+# the iteration whose update loss is made NaN.
+NAN_REWARD_ENV = "RLP_MEGATRON_TEST_NAN_REWARD_AT"
+NAN_LOSS_ENV = "RLP_MEGATRON_TEST_NAN_LOSS_AT"
+
+
 class RLPStep:
     def __init__(self, cfg: RLPConfig, think: ThinkTokens, prompt_prefix: list[int], eod: int,
                  seq_length: int, micro_batch_size: int, calculate_per_token_loss: bool,
@@ -97,6 +106,7 @@ class RLPStep:
         self._vocab: VocabShard | None = None
         self._update_logp: list[torch.Tensor] = []
         self._mismatch_max: torch.Tensor | None = None
+        self._iteration = 0  # of the update in flight (for the fault-injection hook)
 
     def vocab(self, model) -> VocabShard | None:
         """This rank's vocabulary shard (last pipeline stage; None elsewhere)."""
@@ -255,6 +265,11 @@ class RLPStep:
         s_pred, s_ema = world[:, 1].view(-1, G), world[:, 2].view(-1, G)
         reward = objective.information_gain(s_pred, s_ema[:, :1])
         valid = world[:, 3].view(-1, G).bool() if self.cfg.unclosed == "zero" else None
+        if os.environ.get(NAN_REWARD_ENV) and str(data.iteration) in os.environ[
+                NAN_REWARD_ENV].split(","):
+            reward[0, 0] = float("nan")  # fault injection (tests/test_faults.py)
+        finite = torch.isfinite(reward) | (~valid if valid is not None else False)
+        data.finite_rewards = bool(finite.all())
         adv = objective.group_advantages(reward, valid=valid).reshape(-1)
         position = {int(i): k for k, i in enumerate(world[:, 0].tolist())}
         mine = [position[i] for i in data.rollout.rows]
@@ -275,6 +290,7 @@ class RLPStep:
 
     def update_batches(self, data: StepData, num_microbatches: int) -> RerunDataIterator:
         n = len(data.rollout.rows)
+        self._iteration = data.iteration
         fields = dict(tokens=data.tokens, position_ids=data.position_ids, labels=data.labels,
                       thought_mask=data.thought_mask, target_pos=data.target_pos)
         if data.advantages is not None:  # last stage
@@ -323,6 +339,8 @@ class RLPStep:
             self.cfg.clip_eps_low, self.cfg.clip_eps_high)
         loss_sum = (per_thought * has_tokens).sum()
         count = has_tokens.sum()
+        if os.environ.get(NAN_LOSS_ENV) == str(self._iteration):
+            loss_sum = loss_sum * float("nan")  # fault injection (tests/test_faults.py)
         if self.check_nan:
             _validate_finite(loss_sum)
         report = {

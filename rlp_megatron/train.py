@@ -230,6 +230,8 @@ class Run:
         self.args = args
         self.rlp: RLPStep | None = None
         self.last_step_flops: float | None = None
+        self.skipped_steps = 0  # RLP steps skipped for non-finite rewards (rlp/skipped_steps)
+        self.consecutive_skips = 0
         self.metrics_file = args.rlp_metrics_file
         if args.objective == "rlp":
             tokenizer = get_tokenizer()
@@ -329,11 +331,18 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     work, samples = step.pull_samples(data_iterator, num_mb)
     generated, rollout = step.rollout(model, work, iteration)
     t1 = time.perf_counter()
-    data = StepData(samples=samples, rollout=rollout, generated=generated)
+    data = StepData(samples=samples, rollout=rollout, generated=generated,
+                    iteration=iteration + 1)
     step.layout(data)
     step.score_teacher(model, data)
     if mpu.is_pipeline_last_stage():
         step.advantages(data)
+    if not _rewards_finite(data):
+        # The rollout and the teacher ran: their FLOPs count, the update's do not exist.
+        run.last_step_flops = _step_totals(args, step, data, generated, update=[])[2]
+        return _skip_step(run, args, data, iteration)
+    run.consecutive_skips = 0
+    data.metrics["rlp/skipped_steps"] = float(run.skipped_steps)
     t2 = time.perf_counter()
     batches = step.update_batches(data, num_mb)
     # Micro-batches of different widths (variable_seq_lengths: PP exchanges their shapes);
@@ -346,13 +355,7 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     t3 = time.perf_counter()
     if args.rlp_dump_rollouts:
         _dump_rollout(args.rlp_dump_rollouts, iteration + 1, data)
-    flops = _rlp_flops(args, update=data.update_widths, teacher=data.teacher_widths,
-                       fed_tokens=generated.fed_tokens, logit_rows=generated.logit_rows,
-                       fused=step.fused)
-    totals = torch.tensor([len(generated.rows), generated.generated_tokens, flops],
-                          dtype=torch.float64).cuda()
-    torch.distributed.all_reduce(totals, group=mpu.get_data_parallel_group())
-    thoughts, gen_tokens, flops = totals.tolist()
+    thoughts, gen_tokens, flops = _step_totals(args, step, data, generated, data.update_widths)
     data.metrics.update({
         "rlp/thoughts_per_s": thoughts / (t1 - t0),
         "rlp/gen_tokens_per_s": gen_tokens / (t1 - t0),
@@ -362,6 +365,47 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     })
     run.last_step_flops = flops
     return out, data.metrics
+
+
+def _step_totals(args, step: RLPStep, data: StepData, generated, update) -> list[float]:
+    """Thoughts generated, tokens sampled and FLOPs run by the step, summed over DP ranks."""
+    flops = _rlp_flops(args, update=update, teacher=data.teacher_widths,
+                       fed_tokens=generated.fed_tokens, logit_rows=generated.logit_rows,
+                       fused=step.fused)
+    totals = torch.tensor([len(generated.rows), generated.generated_tokens, flops],
+                          dtype=torch.float64).cuda()
+    torch.distributed.all_reduce(totals, group=mpu.get_data_parallel_group())
+    return totals.tolist()
+
+
+def _rewards_finite(data: StepData) -> bool:
+    """The last stage's verdict on the global batch's rewards, on every pipeline stage."""
+    flag = torch.tensor([0.0 if data.finite_rewards else 1.0]).cuda()
+    if mpu.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                     group=mpu.get_pipeline_model_parallel_group())
+    return flag.item() == 0.0
+
+
+def _skip_step(run: Run, args, data: StepData, iteration: int):
+    """A step with non-finite rewards: no update, no EMA update, counted; the data it read is
+    consumed (Megatron advances the sample counter for skipped iterations too). Megatron's own
+    NaN handling (the rerun state machine on the loss) stays for a non-finite loss with finite
+    rewards: that is the model's forward diverging, which skipping a step would not cure."""
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    run.consecutive_skips += 1
+    run.skipped_steps += 1
+    print_rank_0(f"rlp_megatron: iteration {iteration + 1}: non-finite reward (S_pred or S_EMA); "
+                 f"step skipped ({run.consecutive_skips} in a row, {run.skipped_steps} in all)")
+    if run.consecutive_skips >= args.rlp_max_skipped:
+        raise SystemExit(f"rlp_megatron: {run.consecutive_skips} consecutive RLP steps had "
+                         f"non-finite rewards (--rlp-max-skipped {args.rlp_max_skipped}); "
+                         f"stopping at iteration {iteration + 1}")
+    should_checkpoint, should_exit, exit_code = (
+        get_rerun_state_machine().should_checkpoint_and_exit())
+    out = ({}, 1, should_checkpoint, should_exit, exit_code, None, None, 0)
+    return out, {"rlp/skipped_steps": float(run.skipped_steps)}
 
 
 @contextlib.contextmanager

@@ -147,3 +147,61 @@ def test_a_tracker_naming_a_missing_iteration_fails_at_startup_naming_it(tmp_pat
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"rlp_megatron: --load {ckpt}: latest_checkpointed_iteration.txt "
                            f"names iteration 5, but {ckpt}/iter_0000005 does not exist"), last
+
+
+@pytest.mark.slow
+def test_non_finite_rewards_skip_the_step_and_too_many_in_a_row_stop_the_run(tmp_path):
+    """A NaN reward injected at iterations 2 and 3 (TP=2): both steps are skipped and counted,
+    neither updates θ or the EMA teacher, the run goes on; with --rlp-max-skipped 2 it stops at
+    the second with one line."""
+    from megatron.core import dist_checkpointing
+
+    from harness import TINY_GPT, TRAIN_FLAGS, read_jsonl, torchrun
+    from rlp_megatron.step import NAN_REWARD_ENV
+
+    rlp = ["--objective", "rlp", "--rlp-group-size", "4", "--rlp-thought-length", "8",
+           "--rlp-context-length", "16", "--rlp-min-context", "4", "--train-iters", "4"]
+    env = {NAN_REWARD_ENV: "2,3"}
+    out = tmp_path / "run"
+    torchrun(2, ["-m", "rlp_megatron.train", *TINY_GPT, *TRAIN_FLAGS, *rlp,
+                 "--tensor-model-parallel-size", "2", "--rlp-max-skipped", "3",
+                 "--save", str(out / "ckpt"), "--save-interval", "4",
+                 "--rlp-metrics-file", str(out / "metrics.jsonl")], env=env)
+    metrics = {m["iteration"]: m for m in read_jsonl(out / "metrics.jsonl")}
+    assert sorted(metrics) == [1, 2, 3, 4]
+    assert [metrics[i]["rlp/skipped_steps"] for i in (1, 2, 3, 4)] == [0, 1, 2, 2]
+    assert "rlp/loss" in metrics[1] and "rlp/loss" in metrics[4]
+    assert "rlp/loss" not in metrics[2] and "rlp/loss" not in metrics[3]
+    common = dist_checkpointing.load_common_state_dict(str(out / "ckpt" / "iter_0000004" /
+                                                           "rlp_ema"))
+    assert common["rlp_ema_meta"]["num_updates"] == 2  # iterations 1 and 4 only
+
+    proc = torchrun(1, ["-m", "rlp_megatron.train", *TINY_GPT, *TRAIN_FLAGS, *rlp,
+                        "--rlp-max-skipped", "2"], env=env, check=False)
+    assert proc.returncode != 0
+    expected = ("rlp_megatron: 2 consecutive RLP steps had non-finite rewards "
+                "(--rlp-max-skipped 2); stopping at iteration 3")
+    assert expected in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_with_finite_rewards_keeps_megatrons_rerun_protocol(tmp_path):
+    """A NaN update loss (finite rewards: θ's own forward diverged, which skipping a step would
+    not cure) goes to Megatron's rerun state machine, as an NTP loss would: the step is re-run,
+    found reproducible, the last good iteration is checkpointed (EMA sidecar included) and the job
+    exits non-zero for a relaunch on other hardware. Nothing is lost."""
+    from harness import TINY_GPT, TRAIN_FLAGS, torchrun
+    from rlp_megatron.step import NAN_LOSS_ENV
+
+    rlp = ["--objective", "rlp", "--rlp-group-size", "4", "--rlp-thought-length", "8",
+           "--rlp-context-length", "16", "--rlp-min-context", "4", "--train-iters", "4"]
+    ckpt = tmp_path / "ckpt"
+    proc = torchrun(1, ["-m", "rlp_megatron.train", *TINY_GPT, *TRAIN_FLAGS, *rlp, "--save",
+                        str(ckpt), "--save-interval", "100"], env={NAN_LOSS_ENV: "2"},
+                    check=False)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "found NaN in local RLP loss" in log and "Saving a checkpoint and exiting now" in log
+    assert "exitcode  : 16" in log  # the rerun state machine's "relaunch to diagnose" code
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert (ckpt / "iter_0000001" / "rlp_ema" / "rlp_ema_complete.json").exists()
