@@ -65,7 +65,32 @@ and on any GPU install without them. megatron-core 0.19.x has three resume bugs 
    path (tested). This is what Megatron's flash-decode and dynamic-batching paths do, neither of
    which runs without flash-attn. Other static contexts are untouched; never switched off.
 
-Set ``RLP_MEGATRON_MEGATRON_FIXES=0`` to run without fixes 1-6 (the tests use it to show each bug).
+10. ``--async-save``: the checkpoint writer (in the persistent checkpoint worker of each rank)
+    starts a ``multiprocessing`` Manager server for its write results (``filesystem_async.
+    get_write_results_queue``, ``ctx.Manager().Queue()``). The server is shut down only by a
+    finalizer of the process that started it, so when a rank is SIGKILLed (a node's OOM killer, a
+    launcher's teardown after a peer died) the server and its resource tracker outlive the job:
+    measured, two processes per killed rank still running after torchrun had exited, and one more
+    pair per relaunch of an elastic (``--max-restarts``) job. Fix: the server runs a daemon thread
+    that waits on its parent's process sentinel and exits when the parent is gone, however it
+    ended (the watch torch's DataLoader workers keep); its resource tracker then exits with it.
+    Installed at import of :mod:`rlp_megatron.train`, so that the checkpoint worker processes
+    (which import it as their main module, but never run ``main``) have it too.
+
+11. With ``--exit-signal-handler``, Megatron's DataLoader ``worker_init_fn`` installs the exit
+    signal's handler in every DataLoader worker too, so the workers ignore SIGTERM (on purpose:
+    a SIGTERM sent to every process of a job step must not take the data away from a rank that
+    is saving its preemption checkpoint). But a rank that fails with an exception (a collective
+    timing out on a hung peer, an I/O error) exits through ``multiprocessing``'s exit function,
+    which stops its daemonic children with SIGTERM and then joins them: it waits forever, and
+    torchrun, seeing no failed worker, never tears the job down. Measured: a peer SIGSTOPped,
+    this rank's collective timed out after 10 s, and the rank then hung at exit for the 600 s
+    the test waited. Fix: when training ends with an exception, :func:`stop_daemonic_children`
+    SIGKILLs the rank's daemonic children (DataLoader workers, the checkpoint worker, whose
+    in-flight save could not be finalized anyway) before the exception propagates. A normal
+    exit and a preemption (``SystemExit`` after the save) are unchanged.
+
+Set ``RLP_MEGATRON_MEGATRON_FIXES=0`` to run without fixes 1-6, 10 and 11 (the tests use it to show each bug).
 """
 
 from __future__ import annotations
@@ -292,6 +317,64 @@ def _static_decode_rotates_new_keys() -> None:  # fix 9
 
     adjust._rlp_fix = True
     attention.Attention._adjust_key_value_for_inference = adjust
+
+
+def exit_with_parent() -> None:
+    """In a child process: exit as soon as the parent process is gone (fix 10)."""
+    import multiprocessing
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        parent.join()  # the parent's sentinel: returns when it is gone, however it ended
+        os._exit(0)
+
+    threading.Thread(target=watch, name="rlp-parent-watch", daemon=True).start()
+
+
+def install_ckpt_writer_fixes() -> None:  # fix 10
+    if os.environ.get("RLP_MEGATRON_MEGATRON_FIXES", "1") == "0":
+        return
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async.get_write_results_queue, "_rlp_fix", False):
+        return
+
+    def get_write_results_queue(mp_mode: str = "spawn"):
+        if filesystem_async._results_queue is None:
+            manager = SyncManager(ctx=multiprocessing.get_context(mp_mode))  # = ctx.Manager()
+            manager.start(initializer=exit_with_parent)
+            filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager
+        return filesystem_async._results_queue
+
+    get_write_results_queue._rlp_fix = True
+    filesystem_async.get_write_results_queue = get_write_results_queue
+
+
+def stop_daemonic_children() -> list[int]:  # fix 11
+    """SIGKILL this process's daemonic ``multiprocessing`` children (what its exit function
+    would SIGTERM); returns their pids."""
+    import multiprocessing
+
+    if os.environ.get("RLP_MEGATRON_MEGATRON_FIXES", "1") == "0":
+        return []
+    import signal
+
+    # The DataLoader's SIGCHLD handler would raise "worker killed" into the joins below.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
+    stopped = [c.pid for c in children]
+    return stopped
 
 
 def install_seams() -> None:

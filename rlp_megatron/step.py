@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from functools import partial
 
 import torch
@@ -38,7 +37,7 @@ from megatron.core import mpu
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.rerun_state_machine import RerunDataIterator
 
-from rlp_megatron import objective
+from rlp_megatron import faults, objective
 from rlp_megatron.arguments import RLPConfig
 from rlp_megatron.data import RLPSample, ThinkTokens, build_sample, layout_rows
 from rlp_megatron.logprobs import (LogprobRequest, VocabShard, rlp_output_processor,
@@ -79,12 +78,6 @@ class StepData:
         """Width of the update's rows: the longest row of this rank's step (the same on every
         pipeline stage, which track the same thoughts), not --seq-length."""
         return self.tokens.shape[1]
-
-
-# Test hooks: comma-separated iterations (1-based, as logged) whose first reward is made NaN;
-# the iteration whose update loss is made NaN.
-NAN_REWARD_ENV = "RLP_MEGATRON_TEST_NAN_REWARD_AT"
-NAN_LOSS_ENV = "RLP_MEGATRON_TEST_NAN_LOSS_AT"
 
 
 class RLPStep:
@@ -265,8 +258,7 @@ class RLPStep:
         s_pred, s_ema = world[:, 1].view(-1, G), world[:, 2].view(-1, G)
         reward = objective.information_gain(s_pred, s_ema[:, :1])
         valid = world[:, 3].view(-1, G).bool() if self.cfg.unclosed == "zero" else None
-        if os.environ.get(NAN_REWARD_ENV) and str(data.iteration) in os.environ[
-                NAN_REWARD_ENV].split(","):
+        if faults.nan_reward_at(data.iteration):
             reward[0, 0] = float("nan")  # fault injection (tests/test_faults.py)
         finite = torch.isfinite(reward) | (~valid if valid is not None else False)
         data.finite_rewards = bool(finite.all())
@@ -339,7 +331,9 @@ class RLPStep:
             self.cfg.clip_eps_low, self.cfg.clip_eps_high)
         loss_sum = (per_thought * has_tokens).sum()
         count = has_tokens.sum()
-        if os.environ.get(NAN_LOSS_ENV) == str(self._iteration):
+        if len(self._update_logp) == 1:
+            faults.at("update", self._iteration)
+        if faults.nan_loss_at(self._iteration):
             loss_sum = loss_sum * float("nan")  # fault injection (tests/test_faults.py)
         if self.check_nan:
             _validate_finite(loss_sum)

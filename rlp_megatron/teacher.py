@@ -200,11 +200,15 @@ def _write_marker(path, marker: dict) -> None:
 
     import torch.distributed as dist
 
+    from rlp_megatron import faults
+
     if os.environ.get(FAIL_AFTER_WRITE_ENV) == str(marker["iteration"]):
         raise SystemExit(f"{FAIL_AFTER_WRITE_ENV}: simulated crash after writing {path}")
+    faults.at("sidecar_written", marker["iteration"])
     if dist.get_rank() == 0:
         with open(os.path.join(path, SIDECAR_MARKER), "w") as f:
             json.dump(marker, f)
+    faults.at("sidecar_marked", marker["iteration"])
 
 
 def sidecar_state(iteration_dir) -> str:

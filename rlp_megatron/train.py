@@ -73,7 +73,7 @@ from megatron.training.global_vars import get_tokenizer
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
 from rlp_megatron import arguments as rlp_arguments
-from rlp_megatron import megatron_fixes
+from rlp_megatron import faults, megatron_fixes
 from rlp_megatron import teacher as teacher_lib
 from rlp_megatron.backends import cpu as cpu_backend
 from rlp_megatron.data import (RLPDataset, check_indexed_dataset, load_prompt_tokens,
@@ -572,7 +572,14 @@ def _save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **
         teacher_lib.save_sidecar(teacher, iteration_dir, iteration, _sidecar_strategy(margs),
                                  async_save=margs.async_save,
                                  async_strategy=getattr(margs, "async_strategy", "mcore"))
-    return _ORIG_SAVE_CHECKPOINT(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs)
+    result = _ORIG_SAVE_CHECKPOINT(iteration, model, optimizer, opt_param_scheduler, *args,
+                                   **kwargs)
+    if faults.wants("tracked", iteration, any_rank=True):  # every rank finalizes, one acts
+        from megatron.training.async_utils import maybe_finalize_async_save
+
+        maybe_finalize_async_save(blocking=True)
+        faults.at("tracked", iteration)
+    return result
 
 
 def _sidecar_strategy(args):
@@ -629,6 +636,7 @@ def align_consumed_samples(args) -> int:
     return skip
 
 
+megatron_fixes.install_ckpt_writer_fixes()  # here: checkpoint workers import this, not main()
 _ORIG_SAVE_CHECKPOINT = mt_training.save_checkpoint
 _ORIG_LOAD_CHECKPOINT = mt_training.load_checkpoint
 _ORIG_TRAIN_STEP = mt_training.train_step
@@ -704,12 +712,18 @@ def main(argv=None):
     megatron_fixes.install()
     install_hooks(args)
     full_config = pretrain_cfg_container_from_args(args, model_config_from_args(args))
-    pretrain(
-        full_config,
-        train_valid_test_datasets_provider,
-        ModelType.encoder_or_decoder,
-        ntp_forward_step,
-    )
+    try:
+        pretrain(
+            full_config,
+            train_valid_test_datasets_provider,
+            ModelType.encoder_or_decoder,
+            ntp_forward_step,
+        )
+    except Exception:
+        # Without this a failed rank can hang at exit on its DataLoader workers (fix 11), and
+        # torchrun never ends the job.
+        megatron_fixes.stop_daemonic_children()
+        raise
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ think tokens in ``tests/test_data.py``.)
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+
 import pytest
 import torch
 
@@ -157,7 +161,7 @@ def test_non_finite_rewards_skip_the_step_and_too_many_in_a_row_stop_the_run(tmp
     from megatron.core import dist_checkpointing
 
     from harness import TINY_GPT, TRAIN_FLAGS, read_jsonl, torchrun
-    from rlp_megatron.step import NAN_REWARD_ENV
+    from rlp_megatron.faults import NAN_REWARD_ENV
 
     rlp = ["--objective", "rlp", "--rlp-group-size", "4", "--rlp-thought-length", "8",
            "--rlp-context-length", "16", "--rlp-min-context", "4", "--train-iters", "4"]
@@ -191,7 +195,7 @@ def test_a_non_finite_loss_with_finite_rewards_keeps_megatrons_rerun_protocol(tm
     found reproducible, the last good iteration is checkpointed (EMA sidecar included) and the job
     exits non-zero for a relaunch on other hardware. Nothing is lost."""
     from harness import TINY_GPT, TRAIN_FLAGS, torchrun
-    from rlp_megatron.step import NAN_LOSS_ENV
+    from rlp_megatron.faults import NAN_LOSS_ENV
 
     rlp = ["--objective", "rlp", "--rlp-group-size", "4", "--rlp-thought-length", "8",
            "--rlp-context-length", "16", "--rlp-min-context", "4", "--train-iters", "4"]
@@ -205,3 +209,243 @@ def test_a_non_finite_loss_with_finite_rewards_keeps_megatrons_rerun_protocol(tm
     assert "exitcode  : 16" in log  # the rerun state machine's "relaunch to diagnose" code
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert (ckpt / "iter_0000001" / "rlp_ema" / "rlp_ema_complete.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes lost, hung or preempted: one chain of launches on one checkpoint directory, each
+# relaunch compared with a run that was never interrupted.
+
+_CHAIN_RLP = ["--objective", "rlp", "--rlp-group-size", "4", "--rlp-thought-length", "8",
+              "--rlp-context-length", "16", "--rlp-min-context", "4"]
+_TIMING = ("rlp/thoughts_per_s", "rlp/gen_tokens_per_s", "rlp/time_rollout_s",
+           "rlp/time_teacher_s", "rlp/time_update_s")
+
+
+def _chain_flags(run):
+    from harness import TINY_HYBRID, TRAIN_FLAGS
+
+    return [*TINY_HYBRID, *TRAIN_FLAGS, *_CHAIN_RLP, "--tensor-model-parallel-size", "2",
+            "--train-iters", "8", "--save-interval", "2", "--async-save", "--exit-signal-handler",
+            "--save", str(run / "ckpt"), "--load", str(run / "ckpt"),
+            "--rlp-metrics-file", str(run / "metrics.jsonl")]
+
+
+class _Launch:
+    """One torchrun launch of 2 workers; its output in a file (Megatron prints more than a pipe
+    holds); the time from the injected fault to the launcher's exit."""
+
+    def __init__(self, run, flags, *, fault=None, sigterm_after=None, launcher=(), env=None):
+        import subprocess
+        import sys
+        import time
+        import uuid
+
+        import psutil
+
+        from harness import REPO, free_port
+        from rlp_megatron.faults import FAULT_ENV
+
+        self.tag = uuid.uuid4().hex
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                    "PYTHONPATH": str(REPO), "RLP_FAULT_TEST_LAUNCH": self.tag, **(env or {})}
+        full_env.pop(FAULT_ENV, None)
+        if fault:
+            full_env[FAULT_ENV] = fault
+        metrics = run / "metrics.jsonl"
+        self.lines_before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        log = run / f"launch_{self.tag[:8]}.txt"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *launcher,
+               "-m", "rlp_megatron.train", *flags]
+        run.mkdir(parents=True, exist_ok=True)
+        self.fault_at = None
+        with open(log, "w") as sink:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=sink,
+                                    stderr=subprocess.STDOUT)
+            deadline = time.time() + 600
+            while proc.poll() is None and time.time() < deadline:
+                if self.fault_at is None and fault and f"{FAULT_ENV}: " in log.read_text():
+                    self.fault_at = time.time()
+                if sigterm_after and self.fault_at is None and metrics.exists() and len(
+                        metrics.read_text().splitlines()) >= self.lines_before + sigterm_after:
+                    self.fault_at = time.time()
+                    for child in psutil.Process(proc.pid).children():
+                        os.kill(child.pid, signal.SIGTERM)
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+                raise AssertionError(f"launch hung: {log}")
+        self.teardown_s = time.time() - self.fault_at if self.fault_at else None
+        self.rc = proc.returncode
+        self.log = log.read_text()
+        self.new_metrics = [json.loads(l) for l in metrics.read_text().splitlines()[
+            self.lines_before:]] if metrics.exists() else []
+        self.leftovers = [p.pid for p in psutil.process_iter()
+                          if _environ(p).get("RLP_FAULT_TEST_LAUNCH") == self.tag]
+
+
+def _environ(p) -> dict:
+    import psutil
+
+    try:
+        return p.environ()
+    except (psutil.Error, OSError):
+        return {}
+
+
+def _tracker(run) -> int:
+    path = run / "ckpt" / "latest_checkpointed_iteration.txt"
+    return int(path.read_text()) if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_processes_killed_hung_or_preempted_resume_bitwise_from_the_last_complete_checkpoint(
+        tmp_path):
+    """Tiny hybrid, TP=2, --async-save every 2 iterations, 8 iterations. One checkpoint directory
+    goes through a rank SIGKILLed in a rollout, in an update, and at each point of a save (after
+    the tracker; sidecar written, no marker; marker written, no tracker), a rank SIGSTOPped
+    (the others time out: --distributed-timeout-seconds-after-init), and a SIGTERM preemption.
+    Every launch ends (non-zero after a fault, 0 after SIGTERM) within a bounded time, leaves
+    no process behind, resumes from the tracker's iteration, and every iteration it logs — and
+    the last checkpoint's model, optimizer and EMA tensors — equal the uninterrupted run's
+    bitwise."""
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    reference = _Launch(whole, _chain_flags(whole))
+    assert reference.rc == 0, reference.log[-3000:]
+    expected = {m["iteration"]: m for m in reference.new_metrics}
+    assert sorted(expected) == list(range(1, 9))
+
+    chain = [  # (fault, the latest complete checkpoint afterwards)
+        ("kill@tracked:2:0", 2),
+        ("kill@rollout:3:1", 2),
+        ("kill@update:3:0", 2),
+        ("stop@rollout:4:1", 2),
+        ("kill@sidecar_written:4:0", 2),
+        ("kill@sidecar_marked:4:0", 2),
+    ]
+    for fault, tracker_after in chain:
+        start = _tracker(part)
+        extra = (["--distributed-timeout-seconds-after-init", "10"] if fault.startswith("stop")
+                 else [])
+        launch = _Launch(part, [*_chain_flags(part), *extra], fault=fault,
+                         launcher=["--shutdown-timeout", "5"])
+        print(f"{fault}: rc {launch.rc}, resumed from {start}, logged "
+              f"{[m['iteration'] for m in launch.new_metrics]}, tracker {_tracker(part)}, "
+              f"launcher exited {launch.teardown_s:.1f} s after the fault")
+        assert launch.rc != 0 and launch.fault_at is not None, launch.log[-3000:]
+        assert not launch.leftovers, (fault, launch.leftovers)
+        _assert_same_as(expected, launch.new_metrics, first=start + 1)
+        assert _tracker(part) == tracker_after, (fault, launch.log[-3000:])
+        if fault.startswith("kill@sidecar"):  # the iteration's sidecar is not valid, 2 is
+            state = "valid" if fault.startswith("kill@sidecar_marked") else "incomplete"
+            assert teacher_lib.sidecar_state(part / "ckpt" / "iter_0000004") == state
+            assert teacher_lib.sidecar_state(part / "ckpt" / "iter_0000002") == "valid"
+
+    # Preempted (SIGTERM to the workers, as SLURM does) after the relaunch logs one iteration:
+    # the signal handler saves at the end of the iteration in flight and the job exits 0.
+    start = _tracker(part)
+    launch = _Launch(part, _chain_flags(part), sigterm_after=1)
+    stopped = _tracker(part)
+    print(f"SIGTERM: rc {launch.rc}, resumed from {start}, logged "
+          f"{[m['iteration'] for m in launch.new_metrics]}, tracker {stopped}")
+    assert launch.rc == 0 and "exiting program after receiving SIGTERM" in launch.log
+    assert start < stopped < 8 and not launch.leftovers
+    assert teacher_lib.sidecar_state(part / "ckpt" / f"iter_{stopped:07d}") == "valid"
+    _assert_same_as(expected, launch.new_metrics, first=start + 1)
+
+    last = _Launch(part, _chain_flags(part))
+    assert last.rc == 0 and not last.leftovers, last.log[-3000:]
+    _assert_same_as(expected, last.new_metrics, first=stopped + 1)
+    assert last.new_metrics[-1]["iteration"] == 8
+    for sub in ("", "rlp_ema"):  # model, optimizer state, EMA teacher
+        from harness import load_plain
+
+        ta = load_plain(whole / "ckpt" / "iter_0000008" / sub)
+        tb = load_plain(part / "ckpt" / "iter_0000008" / sub)
+        assert ta.keys() == tb.keys() and len(ta) > 0
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (sub, k)
+
+
+def _assert_same_as(expected, logged, first):
+    its = [m["iteration"] for m in logged]
+    assert its == list(range(first, first + len(its))), its
+    for m in logged:
+        for key in expected[m["iteration"]]:
+            if key not in _TIMING:
+                assert m[key] == expected[m["iteration"]][key], (m["iteration"], key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: the checkpoint filesystem fills up or turns read-only under a running job.
+
+_STORAGE_SCRIPT = r"""
+set -u
+mount -t tmpfs -o size=24m rlp-fault-ckpt "$MNT" || { echo "cannot mount a tmpfs"; exit 97; }
+wait_for() {  # FILE LINES: until FILE has LINES lines, or the launch ended
+  while [ "$(cat "$1" 2>/dev/null | wc -l)" -lt "$2" ] && kill -0 "$PID" 2>/dev/null; do
+    sleep 0.05; done
+}
+# 1: the disk fills up once iteration 2 is checkpointed; the save of iteration 4 fails.
+"$@" > "$OUT/full.txt" 2>&1 & PID=$!
+while [ "$(cat "$MNT/ckpt/latest_checkpointed_iteration.txt" 2>/dev/null)" != 2 ] \
+      && kill -0 $PID 2>/dev/null; do sleep 0.05; done
+dd if=/dev/zero of="$MNT/filler" bs=64k 2>/dev/null
+wait $PID; echo $? > "$OUT/full.rc"
+rm -f "$MNT/filler"
+# 2: space is back; the relaunch resumes from 2; the filesystem turns read-only at iteration 3.
+"$@" > "$OUT/ro.txt" 2>&1 & PID=$!
+wait_for "$METRICS" "$(( $(cat "$OUT/full.lines") + 1 ))"
+mount -o remount,ro "$MNT"
+wait $PID; echo $? > "$OUT/ro.rc"
+mount -o remount,rw "$MNT"
+cp -a "$MNT/ckpt" "$OUT/ckpt"
+"""
+
+
+@pytest.mark.slow
+def test_a_full_or_read_only_checkpoint_filesystem_stops_the_job_and_keeps_the_last_checkpoint(
+        tmp_path):
+    """Tiny hybrid, TP=2, --async-save every 2 iterations, checkpoints on a 24 MiB tmpfs of a
+    private mount namespace (``unshare``: no root on the host needed). It fills up after
+    iteration 2's checkpoint (ENOSPC in the save of iteration 4), then, after a relaunch that
+    resumes from 2, it turns read-only (EROFS). Each time: the job stops, non-zero, with one
+    line naming the checkpoint directory and the OS error; iteration 2 stays the latest
+    checkpoint, complete (sidecar marker, metadata) and loadable."""
+    import shutil
+    import subprocess
+    import sys
+
+    from harness import REPO, free_port
+    from rlp_megatron import teacher as teacher_lib
+
+    if not shutil.which("unshare"):
+        pytest.fail("the storage faults need util-linux's unshare (a private mount namespace)")
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    metrics = out / "metrics.jsonl"
+    flags = [*_chain_flags(mnt), "--train-iters", "6"]
+    flags[flags.index("--rlp-metrics-file") + 1] = str(metrics)  # outside the faulty filesystem
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "--shutdown-timeout", "5", "-m", "rlp_megatron.train", *flags]
+    (out / "full.lines").write_text("2")  # the first launch logs iterations 1-2, maybe 3
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(REPO), "MNT": str(mnt), "OUT": str(out), "METRICS": str(metrics)}
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c",
+                           _STORAGE_SCRIPT, "storage-faults", *cmd], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ckpt = out / "ckpt"
+    for case, errno in (("full", "No space left on device"), ("ro", "Read-only file system")):
+        log = (out / f"{case}.txt").read_text()
+        assert (out / f"{case}.rc").read_text().strip() != "0", log[-3000:]
+        lines = [l for l in log.splitlines() if l.startswith("rlp_megatron: ")]
+        assert lines, log[-4000:]
+        print(case, lines)
+        assert str(mnt / "ckpt") in lines[0] and errno in lines[0], lines
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert teacher_lib.sidecar_state(ckpt / "iter_0000002") == "valid"
+    its = [json.loads(l)["iteration"] for l in metrics.read_text().splitlines()]
+    assert its[:2] == [1, 2] and 3 in its[2:], its  # the relaunch resumed from 2

@@ -67,6 +67,7 @@ import dataclasses
 
 import torch
 
+from rlp_megatron import faults
 from rlp_megatron.data import RLPSample, ThinkTokens
 from rlp_megatron.logprobs import LogprobRequest, VocabShard
 from rlp_megatron.rollout import inference
@@ -277,6 +278,8 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
         out.fed_tokens += len(slots)
         out.logit_rows += len(slots)
         out.decode_steps += 1
+        if out.decode_steps == 1:
+            faults.at("rollout", iteration + 1)  # ``iteration`` counts completed iterations
         pos += 1
 
     done = _Slots(**{f.name: torch.cat([getattr(h, f.name) for h in harvest]).cpu()
