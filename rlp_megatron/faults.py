@@ -17,8 +17,7 @@ logged, 1-based):
 
 The points are where the code that reaches them lives (``rollout/generate.py``, ``step.py``,
 ``teacher.py``, ``train.py``); each is one call of :func:`at`. The numerical faults (a NaN reward
-or loss) have their own variables, :data:`NAN_REWARD_ENV` and :data:`NAN_LOSS_ENV`, and
-``teacher.FAIL_AFTER_WRITE_ENV`` raises (rather than kills) between the sidecar and its marker.
+or loss) have their own variables, :data:`NAN_REWARD_ENV` and :data:`NAN_LOSS_ENV`.
 """
 
 from __future__ import annotations

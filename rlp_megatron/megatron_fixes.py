@@ -65,17 +65,22 @@ and on any GPU install without them. megatron-core 0.19.x has three resume bugs 
    path (tested). This is what Megatron's flash-decode and dynamic-batching paths do, neither of
    which runs without flash-attn. Other static contexts are untouched; never switched off.
 
-10. ``--async-save``: the checkpoint writer (in the persistent checkpoint worker of each rank)
-    starts a ``multiprocessing`` Manager server for its write results (``filesystem_async.
-    get_write_results_queue``, ``ctx.Manager().Queue()``). The server is shut down only by a
-    finalizer of the process that started it, so when a rank is SIGKILLed (a node's OOM killer, a
-    launcher's teardown after a peer died) the server and its resource tracker outlive the job:
-    measured, two processes per killed rank still running after torchrun had exited, and one more
-    pair per relaunch of an elastic (``--max-restarts``) job. Fix: the server runs a daemon thread
-    that waits on its parent's process sentinel and exits when the parent is gone, however it
-    ended (the watch torch's DataLoader workers keep); its resource tracker then exits with it.
-    Installed at import of :mod:`rlp_megatron.train`, so that the checkpoint worker processes
-    (which import it as their main module, but never run ``main``) have it too.
+10. ``--async-save`` (with ``--use-persistent-ckpt-worker``, without which megatron-core 0.19
+    turns async saving off): when a rank is SIGKILLed (a node's OOM killer, a launcher's
+    teardown after a peer died), its checkpoint helper processes outlive the job. Measured after
+    a SIGKILL: the persistent checkpoint worker (a ``forkserver`` child blocked on its request
+    queue, whose write end it holds itself), the forkserver (kept alive by the worker's copy of
+    its "alive" pipe) and their resource tracker, still running a minute later; with sync saves,
+    the ``multiprocessing`` Manager server of the checkpoint writer's result queue
+    (``filesystem_async.get_write_results_queue``) and its resource tracker. They hold the rank's
+    pinned host memory (on GPU a CUDA context too) and one more set is left per relaunch of an
+    elastic (``--max-restarts``) job; the worker can still be writing into the iteration
+    directory that the relaunch is about to save again. Fix: the worker and the Manager server
+    run a daemon thread that waits on their parent's process sentinel and exits when the parent
+    is gone, however it ended (the watch torch's DataLoader workers keep); the forkserver and the
+    trackers then see their last client close and exit too. Installed at import of
+    :mod:`rlp_megatron.train`, so that the forkserver, which imports it as its main module but
+    never runs ``main``, has it too.
 
 11. With ``--exit-signal-handler``, Megatron's DataLoader ``worker_init_fn`` installs the exit
     signal's handler in every DataLoader worker too, so the workers ignore SIGTERM (on purpose:
@@ -355,6 +360,26 @@ def install_ckpt_writer_fixes() -> None:  # fix 10
 
     get_write_results_queue._rlp_fix = True
     filesystem_async.get_write_results_queue = get_write_results_queue
+
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+    _ORIGINAL["async_loop"] = PersistentAsyncCaller.async_loop
+    PersistentAsyncCaller.async_loop = staticmethod(persistent_ckpt_worker_loop)
+
+
+_ORIGINAL: dict = {}
+
+
+def persistent_ckpt_worker_loop(*args, **kwargs):
+    """``PersistentAsyncCaller.async_loop``, in a worker that exits when its rank does (fix 10).
+    Module level, so that the worker unpickles it by name."""
+    exit_with_parent()
+    loop = _ORIGINAL.get("async_loop")
+    if loop is None:  # a worker whose imports did not install the fix: the class is upstream's
+        from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+        loop = PersistentAsyncCaller.async_loop
+    return loop(*args, **kwargs)
 
 
 def stop_daemonic_children() -> list[int]:  # fix 11

@@ -96,7 +96,6 @@ class EMATeacher:
 
 SIDECAR_DIR = "rlp_ema"
 SIDECAR_MARKER = "rlp_ema_complete.json"
-FAIL_AFTER_WRITE_ENV = "RLP_MEGATRON_TEST_FAIL_EMA_SAVE"  # tests: crash between data and marker
 
 
 class SidecarError(RuntimeError):
@@ -202,8 +201,6 @@ def _write_marker(path, marker: dict) -> None:
 
     from rlp_megatron import faults
 
-    if os.environ.get(FAIL_AFTER_WRITE_ENV) == str(marker["iteration"]):
-        raise SystemExit(f"{FAIL_AFTER_WRITE_ENV}: simulated crash after writing {path}")
     faults.at("sidecar_written", marker["iteration"])
     if dist.get_rank() == 0:
         with open(os.path.join(path, SIDECAR_MARKER), "w") as f:

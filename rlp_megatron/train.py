@@ -73,7 +73,7 @@ from megatron.training.global_vars import get_tokenizer
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
 from rlp_megatron import arguments as rlp_arguments
-from rlp_megatron import faults, megatron_fixes
+from rlp_megatron import faults, megatron_fixes, storage
 from rlp_megatron import teacher as teacher_lib
 from rlp_megatron.backends import cpu as cpu_backend
 from rlp_megatron.data import (RLPDataset, check_indexed_dataset, load_prompt_tokens,
@@ -562,8 +562,20 @@ def _console_line(message: str, averages: dict[str, float]) -> str:
 
 
 def _save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs):
-    """Megatron's save_checkpoint, preceded by the EMA sidecar of the same iteration."""
+    """Megatron's save_checkpoint, preceded by the EMA sidecar of the same iteration; a storage
+    failure stops the job with one line (``rlp_megatron.storage``)."""
     margs = get_args()
+    try:
+        return _save_checkpoint_and_sidecar(margs, iteration, model, optimizer,
+                                            opt_param_scheduler, *args, **kwargs)
+    except BaseException as exc:  # torch DCP's CheckpointException is not an Exception
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
+        raise SystemExit(storage.describe_save_failure(exc, margs.save, iteration)) from exc
+
+
+def _save_checkpoint_and_sidecar(margs, iteration, model, optimizer, opt_param_scheduler, *args,
+                                 **kwargs):
     teacher = _RUN.rlp.teacher if _RUN is not None and _RUN.rlp is not None else None
     persistent = not kwargs.get("non_persistent_ckpt", False)
     if teacher is not None and margs.save and persistent and margs.ckpt_format == "torch_dist":
@@ -580,6 +592,17 @@ def _save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **
         maybe_finalize_async_save(blocking=True)
         faults.at("tracked", iteration)
     return result
+
+
+def _maybe_finalize_async_save(*args, **kwargs):
+    """Megatron's finalize of async saves (where their write errors surface), with a storage
+    failure said in one line."""
+    try:
+        return _ORIG_FINALIZE_ASYNC_SAVE(*args, **kwargs)
+    except BaseException as exc:
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
+        raise SystemExit(storage.describe_save_failure(exc, get_args().save, None)) from exc
 
 
 def _sidecar_strategy(args):
@@ -638,6 +661,7 @@ def align_consumed_samples(args) -> int:
 
 megatron_fixes.install_ckpt_writer_fixes()  # here: checkpoint workers import this, not main()
 _ORIG_SAVE_CHECKPOINT = mt_training.save_checkpoint
+_ORIG_FINALIZE_ASYNC_SAVE = mt_training.maybe_finalize_async_save
 _ORIG_LOAD_CHECKPOINT = mt_training.load_checkpoint
 _ORIG_TRAIN_STEP = mt_training.train_step
 _ORIG_FLOPS = mt_training.num_floating_point_operations
@@ -651,6 +675,7 @@ def install_hooks(args) -> Run:
     mt_training.num_floating_point_operations = _num_floating_point_operations
     mt_training.training_log = _training_log
     mt_training.save_checkpoint = _save_checkpoint
+    mt_training.maybe_finalize_async_save = _maybe_finalize_async_save
     mt_training.load_checkpoint = _load_checkpoint
     return _RUN
 
@@ -719,10 +744,11 @@ def main(argv=None):
             ModelType.encoder_or_decoder,
             ntp_forward_step,
         )
-    except Exception:
+    except BaseException as exc:  # not only Exception: torch DCP's CheckpointException
         # Without this a failed rank can hang at exit on its DataLoader workers (fix 11), and
         # torchrun never ends the job.
-        megatron_fixes.stop_daemonic_children()
+        if not isinstance(exc, SystemExit):
+            megatron_fixes.stop_daemonic_children()
         raise
 
 
