@@ -243,7 +243,7 @@ class _Launch:
     """One torchrun launch of 2 workers; its output in a file (Megatron prints more than a pipe
     holds); the time from the injected fault to the launcher's exit."""
 
-    def __init__(self, run, flags, *, fault=None, sigterm_after=None, launcher=(), env=None):
+    def __init__(self, run, flags, *, fault=None, sigterm_after=None):
         import subprocess
         import sys
         import time
@@ -256,7 +256,7 @@ class _Launch:
 
         self.tag = uuid.uuid4().hex
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-                    "PYTHONPATH": str(REPO), "RLP_FAULT_TEST_LAUNCH": self.tag, **(env or {})}
+                    "PYTHONPATH": str(REPO), "RLP_FAULT_TEST_LAUNCH": self.tag}
         full_env.pop(FAULT_ENV, None)
         if fault:
             full_env[FAULT_ENV] = fault
@@ -264,7 +264,7 @@ class _Launch:
         self.lines_before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         log = run / f"launch_{self.tag[:8]}.txt"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *launcher,
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", "rlp_megatron.train", *flags]
         run.mkdir(parents=True, exist_ok=True)
         self.fault_at = None
@@ -342,8 +342,7 @@ def test_processes_killed_hung_or_preempted_resume_bitwise_from_the_last_complet
         start = _tracker(part)
         extra = (["--distributed-timeout-seconds-after-init", "10"] if fault.startswith("stop")
                  else [])
-        launch = _Launch(part, [*_chain_flags(part), *extra], fault=fault,
-                         launcher=["--shutdown-timeout", "5"])
+        launch = _Launch(part, [*_chain_flags(part), *extra], fault=fault)
         print(f"{fault}: rc {launch.rc}, resumed from {start}, logged "
               f"{[m['iteration'] for m in launch.new_metrics]}, tracker {_tracker(part)}, "
               f"launcher exited {launch.teardown_s:.1f} s after the fault")
@@ -455,7 +454,7 @@ def test_a_full_or_read_only_checkpoint_filesystem_stops_the_job_and_keeps_the_l
     flags[flags.index("--rlp-metrics-file") + 1] = str(metrics)  # outside the faulty filesystem
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "--shutdown-timeout", "5", "-m", "rlp_megatron.train", *flags]
+           "-m", "rlp_megatron.train", *flags]
     (out / "full.lines").write_text("2")  # the first launch logs iterations 1-2, maybe 3
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": str(REPO), "MNT": str(mnt), "OUT": str(out), "METRICS": str(metrics)}
