@@ -7,7 +7,7 @@ exception: synchronously an ``OSError`` naming a shard file without its director
 the worker. :func:`describe_save_failure` finds the OS error in the exception's chain, or else
 asks the filesystem itself (read-only flag, free space), and names the checkpoint directory and
 the latest complete iteration, which the failed save never replaced (the tracker moves only in
-the save's finalize step).
+the save's finalize step). Any other failure of a save keeps its traceback.
 """
 
 from __future__ import annotations
@@ -56,16 +56,15 @@ def latest_iteration(save_dir) -> str:
         return "none"
 
 
-def describe_save_failure(exc: BaseException, save_dir, iteration: int | None) -> str:
-    """One line: what failed, where, why, and which checkpoint is still the latest."""
+def describe_save_failure(exc: BaseException, save_dir, iteration: int | None) -> str | None:
+    """One line: what failed, where, why, and which checkpoint is still the latest; None when
+    the failure is not the storage's (no OS error in the chain, the filesystem looks fine): that
+    is a bug, whose traceback the caller keeps."""
     reason = next((f"[Errno {e.errno}] {e.strerror}" for e in _chain(exc)
                    if isinstance(e, OSError) and e.errno), None)
     reason = reason or _filesystem_state(save_dir)
-    if reason is None:  # the first failure that is not a container of failures
-        leaf = next((e for e in _chain(exc) if not isinstance(getattr(e, "failures", None),
-                                                              dict)), exc)
-        first = str(leaf).strip().splitlines()
-        reason = f"{type(leaf).__name__}: {first[0] if first else ''}"
+    if reason is None:
+        return None
     which = f"iteration {iteration}" if iteration is not None else "asynchronous write"
     return (f"rlp_megatron: saving a checkpoint to {save_dir} failed ({which}): {reason}; "
             f"the latest complete checkpoint is still {latest_iteration(save_dir)}")

@@ -569,9 +569,11 @@ def _save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **
         return _save_checkpoint_and_sidecar(margs, iteration, model, optimizer,
                                             opt_param_scheduler, *args, **kwargs)
     except BaseException as exc:  # torch DCP's CheckpointException is not an Exception
-        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        line = (None if isinstance(exc, (SystemExit, KeyboardInterrupt))
+                else storage.describe_save_failure(exc, margs.save, iteration))
+        if line is None:
             raise
-        raise SystemExit(storage.describe_save_failure(exc, margs.save, iteration)) from exc
+        raise SystemExit(line) from exc
 
 
 def _save_checkpoint_and_sidecar(margs, iteration, model, optimizer, opt_param_scheduler, *args,
@@ -600,9 +602,11 @@ def _maybe_finalize_async_save(*args, **kwargs):
     try:
         return _ORIG_FINALIZE_ASYNC_SAVE(*args, **kwargs)
     except BaseException as exc:
-        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        line = (None if isinstance(exc, (SystemExit, KeyboardInterrupt))
+                else storage.describe_save_failure(exc, get_args().save, None))
+        if line is None:
             raise
-        raise SystemExit(storage.describe_save_failure(exc, get_args().save, None)) from exc
+        raise SystemExit(line) from exc
 
 
 def _sidecar_strategy(args):
