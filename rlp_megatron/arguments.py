@@ -9,8 +9,12 @@ and the allowed range.
 from __future__ import annotations
 
 import dataclasses
+import math
 
+from rlp_megatron.data import POSITIONS, PositionConfig
 from rlp_megatron.objective import RLPObjectiveConfig
+
+OBJECTIVES = ("ntp", "rlp", "rpt")  # --objective; rlp and rpt run the RLP step
 
 _OBJECTIVE = RLPObjectiveConfig()
 
@@ -33,16 +37,44 @@ class RLPConfig:
     logprobs: str = "fused"
     logprob_chunk_size: int = 1024
     seed: int = 1234
+    positions: str = "uniform"
+    positions_per_doc: int = 1
+    entropy_top_fraction: float = 0.5
+    entropy_threshold: float | None = None
+    entropy_model: str = "policy"
+    curriculum_iters: int = 1000
+    curriculum_start: int = 0
+    rpt_match_tokens: int = 1
+    ntp_weight: float = 0.0
+    objective: str = "rlp"  # --objective (rlp or rpt: the reward)
 
     @classmethod
     def from_args(cls, args) -> "RLPConfig":
-        return cls(**{f.name: getattr(args, f"rlp_{f.name}") for f in dataclasses.fields(cls)})
+        return cls(**{f.name: getattr(args, f.name if f.name == "objective" else f"rlp_{f.name}")
+                      for f in dataclasses.fields(cls)})
+
+    @property
+    def position_config(self) -> PositionConfig:
+        return PositionConfig(strategy=self.positions, per_doc=self.positions_per_doc,
+                              top_fraction=self.entropy_top_fraction,
+                              threshold=self.entropy_threshold,
+                              curriculum_iters=self.curriculum_iters,
+                              curriculum_start=self.curriculum_start,
+                              entropy_model=self.entropy_model)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """RLP's reward needs the EMA teacher φ; RPT's does not (unless φ picks positions)."""
+        return self.objective == "rlp"
 
 
 def add_rlp_args(parser):
     g = parser.add_argument_group(title="rlp", description="RLP objective (arXiv 2510.01265)")
-    g.add_argument("--objective", choices=("ntp", "rlp"), default="ntp",
-                   help="Training objective: next-token prediction (Megatron's) or RLP.")
+    g.add_argument("--objective", choices=OBJECTIVES, default="ntp",
+                   help="Training objective: next-token prediction (Megatron's), RLP, or RPT "
+                        "(Reinforcement Pre-Training, arXiv 2506.08007: reward 1 when the "
+                        "tokens predicted after the thought match the text, else 0; same "
+                        "rollout, layout and clipped surrogate as RLP, no EMA teacher).")
     d = RLPConfig()
     g.add_argument("--rlp-group-size", type=int, default=d.group_size,
                    help="G: thoughts sampled per context (≥ 2). --global-batch-size counts "
@@ -84,6 +116,39 @@ def add_rlp_args(parser):
     g.add_argument("--rlp-logprob-chunk-size", type=int, default=d.logprob_chunk_size,
                    help="Tokens per chunk of the fused log-prob kernel (bounds its fp32 "
                         "[chunk x vocab/TP] working set).")
+    g.add_argument("--rlp-positions", choices=POSITIONS, default=d.positions,
+                   help="Which positions of a window are trained: 'uniform' (RLP, the paper), "
+                        "'entropy' (high next-token entropy, RPT's filter, arXiv 2506.08007) or "
+                        "'curriculum' (an entropy band moving from easy to hard, Reinforcement "
+                        "Mid-Training, arXiv 2509.24375). The entropies come from one forward "
+                        "of the window per step.")
+    g.add_argument("--rlp-positions-per-doc", type=int, default=d.positions_per_doc,
+                   metavar="K",
+                   help="Positions per window (document), each its own group of G thoughts; "
+                        "the K·G rows of K consecutive groups share one window.")
+    g.add_argument("--rlp-entropy-top-fraction", type=float, default=d.entropy_top_fraction,
+                   help="'entropy': draw from this top fraction of the window's eligible "
+                        "positions by entropy; 'curriculum': the width of the moving band.")
+    g.add_argument("--rlp-entropy-threshold", type=float, default=d.entropy_threshold,
+                   help="'entropy': draw from the positions whose entropy is at least this "
+                        "many nats (instead of a top fraction).")
+    g.add_argument("--rlp-entropy-model", choices=("policy", "teacher"),
+                   default=d.entropy_model,
+                   help="Whose next-token entropy selects positions: θ ('policy') or the EMA "
+                        "teacher φ ('teacher', --objective rlp only).")
+    g.add_argument("--rlp-curriculum-iters", type=int, default=d.curriculum_iters,
+                   help="'curriculum': iterations over which the band moves from the lowest "
+                        "entropies to the highest.")
+    g.add_argument("--rlp-curriculum-start", type=int, default=d.curriculum_start,
+                   help="'curriculum': the iteration at which the band is at the lowest "
+                        "entropies (e.g. the iteration a run switched to RLP).")
+    g.add_argument("--rlp-rpt-match-tokens", type=int, default=d.rpt_match_tokens,
+                   help="--objective rpt: tokens predicted after </think>; the reward is 1 when "
+                        "all of them equal the text's next tokens x_t, x_t+1, …, else 0.")
+    g.add_argument("--rlp-ntp-weight", type=float, default=d.ntp_weight, metavar="LAMBDA",
+                   help="Add LAMBDA × Megatron's next-token loss over each window's tokens "
+                        "that are not a selected position (Reinforcement Mid-Training); "
+                        "0 = the paper (no NTP term).")
     g.add_argument("--rlp-ntp-every", type=int, default=0, metavar="K",
                    help="In an RLP run, make every K-th iteration a next-token-prediction "
                         "iteration (0 = never). Each objective logs under its own keys.")
@@ -134,11 +199,15 @@ def validate_rlp_args(args) -> None:
         _fail(f"--rlp-logprob-chunk-size must be >= 1 (got {args.rlp_logprob_chunk_size})")
     if args.rlp_rollout_micro_batch_size < 0:
         _fail("--rlp-rollout-micro-batch-size must be >= 0 (0 = all rows at once)")
-    if args.objective != "rlp":
+    _check_position_args(args)
+    if args.objective == "ntp":
         return
-    if args.global_batch_size % args.rlp_group_size != 0:
+    block = args.rlp_group_size * args.rlp_positions_per_doc
+    if args.global_batch_size % block != 0:
+        per_doc = (f" × --rlp-positions-per-doc ({args.rlp_positions_per_doc})"
+                   if args.rlp_positions_per_doc > 1 else "")
         _fail(f"--global-batch-size ({args.global_batch_size}) must be a multiple of "
-              f"--rlp-group-size ({args.rlp_group_size}): it counts thoughts (rows)")
+              f"--rlp-group-size ({args.rlp_group_size}){per_doc}: it counts thoughts (rows)")
     prompt_len = _prompt_prefix_length(args)
     limit = min(args.seq_length, args.max_position_embeddings)
     if args.rlp_context_length is None:
@@ -153,6 +222,8 @@ def validate_rlp_args(args) -> None:
                   f"--seq-length {limit} leaves after a {args.rlp_thought_length}-token thought)",
                   flush=True)
     need = prompt_len + args.rlp_context_length + 1 + args.rlp_thought_length + 1 + 1
+    if args.objective == "rpt":
+        need += args.rlp_rpt_match_tokens - 1  # x_t+1 … fed to predict the next ones
     if need - 1 > limit:
         _fail(f"--rlp-context-length ({args.rlp_context_length}) + --rlp-thought-length "
               f"({args.rlp_thought_length}) + 2 delimiters + target"
@@ -178,12 +249,36 @@ def validate_rlp_args(args) -> None:
               f"one that sampled; RLP is normally run with dropout 0", flush=True)
 
 
+def _check_position_args(args) -> None:
+    if args.rlp_positions_per_doc < 1:
+        _fail(f"--rlp-positions-per-doc must be >= 1 (got {args.rlp_positions_per_doc})")
+    f = args.rlp_entropy_top_fraction
+    if not (isinstance(f, float | int) and 0.0 < f <= 1.0):
+        _fail(f"--rlp-entropy-top-fraction must be in (0, 1] (got {f})")
+    h = args.rlp_entropy_threshold
+    if h is not None and not math.isfinite(h):
+        _fail(f"--rlp-entropy-threshold must be a finite number of nats (got {h})")
+    if h is not None and args.rlp_positions != "entropy":
+        _fail(f"--rlp-entropy-threshold applies to --rlp-positions entropy (got "
+              f"--rlp-positions {args.rlp_positions}; the curriculum moves a top-fraction band)")
+    if args.rlp_curriculum_iters < 1:
+        _fail(f"--rlp-curriculum-iters must be >= 1 (got {args.rlp_curriculum_iters})")
+    if args.rlp_entropy_model == "teacher" and args.objective == "rpt":
+        _fail("--rlp-entropy-model teacher needs the EMA teacher of --objective rlp; "
+              "--objective rpt has none")
+    if args.rlp_rpt_match_tokens < 1:
+        _fail(f"--rlp-rpt-match-tokens must be >= 1 (got {args.rlp_rpt_match_tokens})")
+    w = args.rlp_ntp_weight
+    if not (math.isfinite(w) and w >= 0):
+        _fail(f"--rlp-ntp-weight must be a finite number >= 0 (got {w})")
+
+
 def _check_groups_stay_whole(args) -> None:
     """Every group must be G consecutive sample indices inside one step (rlp_megatron.data).
     The step's rows are [consumed, consumed + global batch) of a sequential sampler; a start that
     is not a multiple of G is aligned when the checkpoint is loaded (train.align_consumed_samples);
     what no alignment can fix is refused here."""
-    G = args.rlp_group_size
+    G = args.rlp_group_size * args.rlp_positions_per_doc
     if getattr(args, "dataloader_type", None) in ("cyclic", "external"):
         _fail(f"--dataloader-type {args.dataloader_type} is not supported with --objective rlp: "
               f"a group is {G} consecutive samples of one step, which only the sequential "
@@ -193,8 +288,8 @@ def _check_groups_stay_whole(args) -> None:
         start, increment = int(rampup[0]), int(rampup[1])
         if start % G or increment % G:
             _fail(f"--rampup-batch-size {' '.join(map(str, rampup))}: the start batch size and "
-                  f"the increment must be multiples of --rlp-group-size ({G}) so that no "
-                  f"group is split between steps")
+                  f"the increment must be multiples of --rlp-group-size × "
+                  f"--rlp-positions-per-doc ({G}) so that no group is split between steps")
 
 
 def _check_unsupported_features(args) -> None:

@@ -5,16 +5,23 @@ the token stream, as NTP reads it) per row, ``--global-batch-size`` rows per ste
 samples, the data cursor and resume work unchanged. A *group* is G = ``--rlp-group-size``
 consecutive rows (global sample indices ``G·k … G·k+G−1``); all of them read the window of the
 group's first index, sample the same position t, and differ only in their thoughts. The other
-G−1 windows of a group are skipped, so switching between NTP and RLP never revisits data.
+G−1 windows of a group are skipped, so switching between NTP and RLP never revisits data. With
+K = ``--rlp-positions-per-doc`` > 1, the K·G rows of K consecutive groups read the window of
+their first index, and the K groups take K distinct positions of it (window index
+``row // (K·G)``, position j = ``group mod K`` of the window's draw).
 
 Positions (the paper: "one random token per document/sequence", distribution unspecified). Per
 group, t is uniform over the positions of the window whose target x_t is not an end-of-document
 token and that have at least ``--rlp-min-context`` tokens of the same document before them; the
 context is the last ≤ ``--rlp-context-length`` tokens of that document before t (it never crosses
-an end-of-document token). If no position qualifies, the one with the longest same-document
-context is used; a context is never empty (a target that starts a document is conditioned on the
-end-of-document token before it, as NTP conditions it). The draw is a pure function of (seed, group index), hence independent of the
-parallel layout and reproducible on resume without saving RNG state.
+an end-of-document token). ``--rlp-positions entropy|curriculum`` restrict the draw to
+positions by next-token entropy (:class:`PositionConfig`; the entropies come from one
+teacher-forced forward of the window, rlp_megatron.step). If no position qualifies, the one with
+the longest same-document context is used; a context is never empty (a target that starts a
+document is conditioned on the end-of-document token before it, as NTP conditions it). The draw
+is a pure function of (seed, window index) — and of the window's entropies and the iteration,
+when they select — hence independent of the parallel layout and reproducible on resume without
+saving RNG state.
 
 Row layout (what the model sees; ``[p]`` = optional ``--rlp-prompt-file`` instruction tokens):
 
@@ -146,26 +153,116 @@ def document_starts(window: np.ndarray, eod: int) -> np.ndarray:
     return np.maximum.accumulate(start_marks)
 
 
-def sample_position(window: np.ndarray, eod: int, min_context: int, context_length: int,
-                    seed: int, group_index: int) -> tuple[int, int]:
-    """(t, context_start) for one group; context = window[context_start:t], target = window[t]."""
+POSITIONS = ("uniform", "entropy", "curriculum")  # --rlp-positions
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionConfig:
+    """How positions are chosen (``--rlp-positions*``, ``--rlp-entropy-*``, ``--rlp-curriculum-*``).
+
+    * ``uniform`` (the paper's, RLP v2 §3): uniform over the eligible positions.
+    * ``entropy`` (RPT's "hard" tokens, arXiv 2506.08007 §3): uniform over the eligible positions
+      whose next-token entropy H(p(· | window before t)) is ≥ ``threshold`` nats, or, without a
+      threshold, in the top ``top_fraction`` of the window's eligible positions by entropy.
+    * ``curriculum`` (easy → hard, Reinforcement Mid-Training, arXiv 2509.24375): uniform over the
+      eligible positions whose entropy rank lies in a band of width ``top_fraction`` that slides
+      from the lowest entropies (iteration ``curriculum_start``) to the highest (from
+      ``curriculum_start + curriculum_iters`` on), linearly in the iteration.
+    """
+
+    strategy: str = "uniform"
+    per_doc: int = 1  # K positions (groups) per window
+    top_fraction: float = 0.5
+    threshold: float | None = None
+    curriculum_iters: int = 1000
+    curriculum_start: int = 0
+    entropy_model: str = "policy"  # θ ("policy") or φ ("teacher") computes the entropy
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.strategy != "uniform"
+
+    def band(self, iteration: int) -> tuple[float, float]:
+        """Quantile band [lo, hi) of the eligible positions' entropies at ``iteration``: of n
+        eligible positions sorted by entropy, ranks ⌊lo·n⌋ … ⌊lo·n⌋ + ⌈f·n⌉ − 1."""
+        f = self.top_fraction
+        if self.strategy == "entropy":
+            return 1.0 - f, 1.0
+        progress = min(1.0, max(0.0, (iteration - self.curriculum_start)
+                                / max(1, self.curriculum_iters)))
+        lo = progress * (1.0 - f)
+        return lo, lo + f
+
+
+def eligible_positions(window: np.ndarray, eod: int, min_context: int):
+    """(valid targets t, document starts): t whose target is not eod and that has at least
+    ``min_context`` same-document tokens before it."""
     starts = document_starts(window, eod)
     t_all = np.arange(1, len(window))
     ctx_len = t_all - starts[t_all]
     ok_target = window[t_all] != eod
-    valid = t_all[ok_target & (ctx_len >= min_context)]
+    return t_all[ok_target & (ctx_len >= min_context)], starts
+
+
+def entropy_candidates(valid: np.ndarray, entropy: np.ndarray, cfg: PositionConfig,
+                       iteration: int, k: int = 1) -> np.ndarray:
+    """The positions of ``valid`` that ``cfg`` allows; ``entropy[t]`` is the entropy of the
+    distribution that predicts ``window[t]``. Never fewer than min(k, len(valid)): if the rule
+    leaves fewer, the k positions nearest the band (by entropy rank) are used."""
+    n = len(valid)
+    if n == 0:
+        return valid
+    h = np.asarray(entropy, dtype=np.float64)[valid]
+    if cfg.strategy == "entropy" and cfg.threshold is not None:
+        chosen = valid[h >= cfg.threshold]
+        if len(chosen) >= min(k, n):
+            return chosen
+        return np.sort(valid[np.argsort(-h, kind="stable")[: min(k, n)]])
+    lo, _ = cfg.band(iteration)
+    order = np.argsort(h, kind="stable")  # ascending entropy; ties by position
+    m = min(n, max(int(np.ceil(cfg.top_fraction * n - 1e-9)), k))  # the band's width
+    a = min(int(np.floor(lo * n + 1e-9)), n - m)
+    return np.sort(valid[order[a:a + m]])
+
+
+def sample_positions(window: np.ndarray, eod: int, min_context: int, context_length: int,
+                     seed: int, window_index: int, k: int = 1, candidates=None
+                     ) -> list[tuple[int, int]]:
+    """``k`` (t, context_start) pairs for one window, distinct while there are enough
+    candidates (``candidates``: the eligible positions to draw from, default all of them);
+    context = window[context_start:t], target = window[t]. ``k = 1`` with every eligible
+    position a candidate is the paper's uniform draw."""
+    valid, starts = eligible_positions(window, eod, min_context)
+    if candidates is not None and len(valid) > 0:
+        valid = np.asarray(candidates)
     if len(valid) > 0:
-        rng = np.random.default_rng([seed, group_index])
-        t = int(rng.choice(valid))
+        rng = np.random.default_rng([seed, window_index])
+        picks, left = [], valid
+        for _ in range(k):  # without replacement, then over again (fewer candidates than k)
+            if len(left) == 0:
+                left = valid
+            t = int(rng.choice(left))
+            picks.append(t)
+            left = left[left != t]
     else:
-        candidates = t_all[ok_target & (ctx_len >= 1)]
+        t_all = np.arange(1, len(window))
+        candidates = t_all[(window[t_all] != eod) & (t_all - starts[t_all] >= 1)]
         if len(candidates) == 0:  # a window made of eods only
             candidates = t_all
-        t = int(candidates[np.argmax(candidates - starts[candidates])])
-    start = max(int(starts[t]), t - context_length)
-    # A target at the start of a document (a window with no usable position) still gets one
-    # token of context: the end-of-document token before it, as NTP conditions it.
-    return t, min(start, t - 1)
+        picks = [int(candidates[np.argmax(candidates - starts[candidates])])] * k
+    out = []
+    for t in picks:
+        start = max(int(starts[t]), t - context_length)
+        # A target at the start of a document (a window with no usable position) still gets
+        # one token of context: the end-of-document token before it, as NTP conditions it.
+        out.append((t, min(start, t - 1)))
+    return out
+
+
+def sample_position(window: np.ndarray, eod: int, min_context: int, context_length: int,
+                    seed: int, group_index: int) -> tuple[int, int]:
+    """(t, context_start) for one group: the paper's uniform draw, one position per window."""
+    return sample_positions(window, eod, min_context, context_length, seed, group_index)[0]
 
 
 @dataclasses.dataclass
@@ -176,33 +273,47 @@ class RLPSample:
     prompt: list[int]  # [p] context <think>
     target: int  # x_t
     context: list[int]  # context alone (the EMA teacher's input)
+    position: int = 0  # t, in the window
+    window: np.ndarray | None = None  # the window the position was drawn from
+
+    @property
+    def continuation(self) -> list[int]:
+        """x_t, x_t+1, … to the end of the window (RPT's ground truth)."""
+        if self.window is None:
+            return [self.target]
+        return [int(x) for x in self.window[self.position:]]
 
 
 def build_sample(window: np.ndarray, group: int, *, eod: int, think: ThinkTokens,
                  prompt_prefix: list[int], min_context: int, context_length: int,
-                 seed: int) -> RLPSample:
-    t, start = sample_position(window, eod, min_context, context_length, seed, group)
+                 seed: int, position: tuple[int, int] | None = None) -> RLPSample:
+    """The group's sample at ``position`` (t, context_start), by default the paper's uniform
+    draw for the group."""
+    t, start = position or sample_position(window, eod, min_context, context_length, seed,
+                                           group)
     context = [int(x) for x in window[start:t]]
     return RLPSample(group=group, prompt=[*prompt_prefix, *context, think.open],
-                     target=int(window[t]), context=context)
+                     target=int(window[t]), context=context, position=t, window=window)
 
 
 class RLPDataset(torch.utils.data.Dataset):
-    """Megatron GPT dataset → one row per sample index; G consecutive rows share one window.
+    """Megatron GPT dataset → one row per sample index; the K·G consecutive rows of K groups
+    (``per_doc`` = K = ``--rlp-positions-per-doc``) share one window.
 
     Yields the base sample of the row itself (so an interleaved NTP iteration trains on it as
-    usual) plus ``"window"`` (LongTensor[seq_length + 1], the window of the group's first index,
+    usual) plus ``"window"`` (LongTensor[seq_length + 1], the window of the block's first index,
     see the module docstring) and ``"index"`` (the global sample index)."""
 
-    def __init__(self, base, group_size: int):
+    def __init__(self, base, group_size: int, per_doc: int = 1):
         self.base = base
         self.group_size = group_size
+        self.block = group_size * per_doc
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, idx):
-        first = (idx // self.group_size) * self.group_size
+        first = (idx // self.block) * self.block
         own = self.base[idx]
         group = own if first == idx else self.base[first]
         window = torch.cat([torch.as_tensor(group["tokens"]), torch.as_tensor(group["labels"][-1:])])

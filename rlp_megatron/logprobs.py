@@ -84,14 +84,16 @@ def vocab_shard(chunk, tp_rank: int, vocab_size: int, tp_group=None) -> VocabSha
 
 
 def token_logprobs(vocab_parallel_logits: torch.Tensor, targets: torch.Tensor,
-                   temperature: float = 1.0, vocab: VocabShard | None = None) -> torch.Tensor:
+                   temperature: float = 1.0, vocab: VocabShard | None = None,
+                   entropy: bool = False):
     """log softmax(logits / T)[target] over the real vocabulary, without gathering it; any
-    leading shape. fp32. Without ``vocab``: the full, unpadded vocabulary on one rank."""
+    leading shape. fp32. Without ``vocab``: the full, unpadded vocabulary on one rank. With
+    ``entropy``: (log-probs, entropies of softmax(logits / T))."""
     if vocab is None:
         vocab = VocabShard(0, vocab_parallel_logits.shape[-1], vocab_parallel_logits.shape[-1])
     return kernels.vocab_parallel_logprobs(
         vocab_parallel_logits, targets, vocab.tp_group, vocab_start=vocab.start,
-        vocab_size=vocab.vocab_size, temperature=temperature)
+        vocab_size=vocab.vocab_size, temperature=temperature, return_entropy=entropy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +106,8 @@ class LogprobRequest:
 
     * ``last_logits``: the last position's vocab-parallel logits, fp32, padding at −inf, [b, V/tp]
       (decoding);
+    * else, with ``labels`` [b, s] and ``entropy``: log-probs of the labels at ``temperature``
+      and the entropy of each position's distribution, [b, s, 2] (position selection);
     * else, with ``labels`` [b, s]: log-probs of the labels at ``temperature``, [b, s] — and with
       ``target_pos`` [b] as well, S at T = 1 of ``labels[i, target_pos[i]]`` appended as column s,
       [b, s + 1] (scoring);
@@ -117,6 +121,7 @@ class LogprobRequest:
     targets: torch.Tensor | None = None
     temperature: float = 1.0
     last_logits: bool = False
+    entropy: bool = False
     chunk_size: int = 1024
 
 
@@ -139,10 +144,14 @@ def rlp_output_processor(*, hidden_states, output_layer, output_weight, context:
     if context.last_logits:
         return last_logits(hidden[:, -1], weight, vocab)
 
-    def logprobs(h, targets, temperature):
+    def logprobs(h, targets, temperature, entropy=False):
         return kernels.fused_linear_logprobs(
             h, weight, targets, vocab.tp_group, chunk_size=context.chunk_size,
-            vocab_start=vocab.start, vocab_size=vocab.vocab_size, temperature=temperature)
+            vocab_start=vocab.start, vocab_size=vocab.vocab_size, temperature=temperature,
+            return_entropy=entropy)
+
+    if context.entropy:
+        return torch.stack(logprobs(hidden, context.labels, context.temperature, True), dim=-1)
 
     s_target = None
     if context.target_pos is not None:

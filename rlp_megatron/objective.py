@@ -79,6 +79,22 @@ Choices the paper leaves open, what we chose, and why:
 7. Numerics: rewards, advantages and the per-token surrogate are computed in at least fp32 (fp64 stays
    fp64), whatever the dtype of the log-probs; the EMA shadow φ must be fp32 (τ = 0.999 increments are
    below bf16 resolution).
+
+The RPT baseline (--objective rpt; Reinforcement Pre-Training, arXiv 2506.08007), on the same rollout,
+advantages and surrogate: after </think> the policy predicts the next n = --rlp-rpt-match-tokens tokens
+ŷ_1..n (sampled at the thought temperature), and
+
+    r_RPT(c) = 1 if ŷ_k = x_{t+k−1} for every k = 1..n, else 0                     -> prefix_match_reward
+
+The advantage is eq. 7's (centred in the group, not divided by its standard deviation as RPT's GRPO
+does: one advantage for both objectives keeps the comparison about the reward).
+RPT matches bytes against the text and accepts a prediction that ends on one of its token boundaries;
+over tokens that is an exact match of the first n tokens (a prediction that matches only a prefix of
+them, or diverges, gets 0). No EMA teacher is involved. Since the reward is 0 from the first mismatch
+on, ŷ_k may be drawn from p_θ(· | …, </think>, x_t … x_{t+k−2}) — the text, not the earlier
+predictions — without changing the reward's distribution: P(r = 1) = Π_k p_T(x_{t+k−1} | …, x_<t+k−1)
+either way. (For n = 1, E[r_RPT] = p_T(x_t | x_<t, c) = exp(S_pred) at T = 1: RPT rewards the
+probability of the next token where RLP rewards its log-probability gain over the teacher.)
 """
 
 import math
@@ -183,6 +199,20 @@ def group_advantages(rewards: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     mean = r.sum(dim=1, keepdim=True) / g_v.clamp(min=1)
     scale = torch.where(g_v >= 2, g_v / (g_v - 1).clamp(min=1), torch.zeros_like(g_v))
     return torch.where(valid, scale * (r - mean), torch.zeros_like(r))
+
+
+@torch.no_grad()
+def prefix_match_reward(predictions: Tensor, targets: Tensor) -> Tensor:
+    """r_RPT: 1.0 where every predicted token equals the text's, else 0.0; [..., n] → [...], fp32.
+
+    targets < 0 marks tokens the text does not have (past the end of the window): they match any
+    prediction, so a prediction is judged on the tokens that exist.
+    """
+    if predictions.shape != targets.shape:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and targets "
+                         f"{tuple(targets.shape)} must have one shape [..., n]")
+    ok = (predictions == targets) | (targets < 0)
+    return ok.all(dim=-1).to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,6 +387,7 @@ __all__ = [
     "RLPObjectiveConfig",
     "information_gain",
     "group_advantages",
+    "prefix_match_reward",
     "per_thought_surrogate",
     "surrogate_stats",
     "clipped_surrogate_loss",

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -39,7 +40,8 @@ from megatron.core.rerun_state_machine import RerunDataIterator
 
 from rlp_megatron import faults, objective
 from rlp_megatron.arguments import RLPConfig
-from rlp_megatron.data import RLPSample, ThinkTokens, build_sample, layout_rows
+from rlp_megatron.data import (RLPSample, ThinkTokens, build_sample, eligible_positions,
+                               entropy_candidates, layout_rows, sample_positions)
 from rlp_megatron.logprobs import (LogprobRequest, VocabShard, rlp_output_processor,
                                    token_logprobs, vocab_shard)
 from rlp_megatron.rollout import generate as rollout_lib
@@ -68,10 +70,12 @@ class StepData:
     s_pred: torch.Tensor = None  # [n] from the rollout (last stage)
     s_ema: torch.Tensor = None  # [n] (the row's group value)
     advantages: torch.Tensor = None  # [n]
+    rewards: torch.Tensor = None  # [n] (information gain, or RPT's match)
     metrics: dict = dataclasses.field(default_factory=dict)
     teacher_length: int = 0  # width of the teacher's rows (its longest context + 1)
     update_widths: list = dataclasses.field(default_factory=list)  # (rows, width) per micro-batch
     teacher_widths: list = dataclasses.field(default_factory=list)
+    ntp_widths: list = dataclasses.field(default_factory=list)  # the NTP term's micro-batches
 
     @property
     def length(self) -> int:
@@ -94,6 +98,10 @@ class RLPStep:
         self.calculate_per_token_loss = calculate_per_token_loss
         self.check_nan = check_nan
         self.teacher: EMATeacher | None = None
+        self.owner: dict[int, int] | None = None  # the step's group owners, if computed early
+        self.entropy_widths: list = []  # (rows, width) per micro-batch of the entropy forward
+        self.window_targets: dict[int, list[int]] = {}  # window index → its K positions t
+        self.ntp_fields: dict | None = None  # the NTP term's windows this step (rank's share)
         self._current: StepData | None = None
         self._loss_scale = 1.0
         self._vocab: VocabShard | None = None
@@ -118,9 +126,11 @@ class RLPStep:
     # -----------------------------------------------------------------------------------------
     # Phase 1: rows and positions
 
-    def pull_samples(self, data_iterator, num_microbatches: int) -> tuple[list, dict]:
+    def pull_samples(self, model, data_iterator, num_microbatches: int,
+                     iteration: int) -> tuple[list, dict]:
         """Read this rank's rows for the step (as NTP would: num_microbatches × mbs samples) and
-        share them over the model-parallel group; build one sample per group."""
+        share them over the model-parallel group; build one sample per group at the position
+        :meth:`positions` chooses. ``iteration`` is the one the step produces (1-based)."""
         n = num_microbatches * self.micro_batch_size
         windows = torch.zeros((n, self.seq_length + 1), dtype=torch.long)
         indices = torch.zeros(n, dtype=torch.long)
@@ -131,22 +141,92 @@ class RLPStep:
         windows, indices = windows.cuda(), indices.cuda()  # NCCL broadcasts device tensors
         _broadcast_from_loader_rank(windows)
         _broadcast_from_loader_rank(indices)
-        samples, work = {}, {}
+        window_of, work = {}, {}
         for w, idx in zip(windows.cpu(), indices.tolist()):
             group = idx // self.cfg.group_size
-            if group not in samples:
-                samples[group] = build_sample(
-                    w.numpy(), group, eod=self.eod, think=self.think,
-                    prompt_prefix=self.prompt_prefix, min_context=self.cfg.min_context,
-                    context_length=self.cfg.context_length, seed=self.cfg.seed)
-                work[group] = []
-            work[group].append(idx)
+            window_of.setdefault(group, w.numpy())
+            work.setdefault(group, []).append(idx)
+        positions = self.positions(model, window_of, iteration)
+        samples = {g: build_sample(window_of[g], g, eod=self.eod, think=self.think,
+                                   prompt_prefix=self.prompt_prefix,
+                                   min_context=self.cfg.min_context,
+                                   context_length=self.cfg.context_length, seed=self.cfg.seed,
+                                   position=positions[g])
+                   for g in work}
         return [(samples[g], rows) for g, rows in work.items()], samples
+
+    def positions(self, model, window_of: dict, iteration: int) -> dict[int, tuple[int, int]]:
+        """(t, context_start) of each group (see rlp_megatron.data). Uniform: a pure function of
+        the window. By entropy: the windows' owners (:func:`placement.owners`; a window belongs
+        to the owner of its first group in the step) run one forward of θ (or φ) over their
+        windows, draw the K positions of each on the last stage, and every rank gets them."""
+        K, pc = self.cfg.positions_per_doc, self.cfg.position_config
+        draw = partial(sample_positions, eod=self.eod, min_context=self.cfg.min_context,
+                       context_length=self.cfg.context_length, seed=self.cfg.seed, k=K)
+        self.entropy_widths, self.owner = [], None
+        if not pc.needs_entropy:
+            cache = {}
+            for g, w in window_of.items():
+                if g // K not in cache:
+                    cache[g // K] = draw(w, window_index=g // K)
+            self.window_targets = {b: [t for t, _ in p] for b, p in cache.items()}
+            return {g: cache[g // K][g % K] for g in window_of}
+        dp = mpu.get_data_parallel_group()
+        self.owner = placement.owners(list(window_of), self.cfg.group_size, dp)
+        first = {}
+        for g in sorted(self.owner):
+            first.setdefault(g // K, g)
+        me = dist.get_rank(dp) if dist.get_world_size(dp) > 1 else 0
+        mine = sorted(b for b, g in first.items() if self.owner[g] == me)
+        entropy = self.window_entropy(model, [window_of[first[b]] for b in mine]) if mine else None
+        picks = torch.zeros((len(mine) * K, 4), dtype=torch.long)  # block, j, t, start
+        if entropy is not None:  # last stage
+            for i, b in enumerate(mine):
+                w = window_of[first[b]]
+                valid, _ = eligible_positions(w, self.eod, self.cfg.min_context)
+                h = np.full(len(w), np.nan)
+                h[1:] = entropy[i, : len(w) - 1].double().numpy()  # h[t] predicts w[t]
+                cand = entropy_candidates(valid, h, pc, iteration, K)
+                for j, (t, start) in enumerate(draw(w, window_index=b, candidates=cand)):
+                    picks[i * K + j] = torch.tensor([b, j, t, start])
+        picks = picks.cuda()
+        if mpu.get_pipeline_model_parallel_world_size() > 1:
+            pp = mpu.get_pipeline_model_parallel_group()
+            dist.broadcast(picks, group=pp, group_src=dist.get_world_size(pp) - 1)
+        picks = _all_gather_rows(picks, dp).cpu().tolist()
+        chosen = {b * K + j: (t, start) for b, j, t, start in picks}
+        self.window_targets = {g // K: [chosen[(g // K) * K + j][0] for j in range(K)]
+                               for g in window_of}
+        return {g: chosen[g] for g in window_of}
+
+    def window_entropy(self, model, windows: list) -> torch.Tensor | None:
+        """[n, seq_length] next-token entropies (nats, T = 1) of θ — or of φ with
+        ``--rlp-entropy-model teacher`` — over ``windows`` (teacher-forced, one forward each);
+        entry j is the entropy of the distribution that predicts ``window[j + 1]``. Last
+        pipeline stage; None elsewhere."""
+        w = torch.as_tensor(np.stack(windows)).long()
+        S = w.shape[1] - 1
+        fields = dict(tokens=w[:, :-1].contiguous(), labels=w[:, 1:].contiguous(),
+                      position_ids=torch.arange(S)[None].expand(len(w), S).contiguous())
+        batches = _micro_batches(fields, self.micro_batch_size)
+        self.entropy_widths = [(len(b["tokens"]), S) for b in batches]
+        swap = (self.teacher.swapped_in() if self.cfg.entropy_model == "teacher"
+                else contextlib.nullcontext())
+        with swap:
+            out = _forward_only(model, batches, partial(_entropy_forward_step,
+                                                        vocab=self.vocab(model), step=self),
+                                S, self.micro_batch_size)
+        return torch.cat([o["entropy"] for o in out]).cpu() if out is not None else None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.cfg.uses_teacher or self.cfg.entropy_model == "teacher"
 
     # -----------------------------------------------------------------------------------------
     # Phase 2: rollout
 
-    def rollout(self, model, work, iteration: int) -> tuple[rollout_lib.Rollout,
+    def rollout(self, model, work, iteration: int, owner: dict | None = None
+                ) -> tuple[rollout_lib.Rollout,
                                                             rollout_lib.Rollout]:
         """Thoughts for the groups this rank owns (each group generated once over the DP ranks,
         :mod:`rlp_megatron.rollout.placement`), then for this rank's rows, in ``work`` order.
@@ -155,13 +235,14 @@ class RLPStep:
         cfg = rollout_lib.RolloutConfig(
             thought_length=self.cfg.thought_length, temperature=self.cfg.temperature,
             seed=self.cfg.seed, think=self.think,
-            micro_batch_size=self.cfg.rollout_micro_batch_size, fused_logprobs=self.fused)
+            micro_batch_size=self.cfg.rollout_micro_batch_size, fused_logprobs=self.fused,
+            predict_tokens=self.cfg.rpt_match_tokens if self.cfg.objective == "rpt" else 0)
         pipeline = None
         if mpu.get_pipeline_model_parallel_world_size() > 1:
             config = chunk.config if hasattr(chunk, "config") else chunk.module.config
             pipeline = rollout_lib.inference.Pipeline(config.hidden_size, config.params_dtype)
         dp_group = mpu.get_data_parallel_group()
-        owned = placement.own_groups(work, self.cfg.group_size, dp_group)
+        owned = placement.own_groups(work, self.cfg.group_size, dp_group, owner)
         generated = rollout_lib.generate(chunk, owned, cfg, iteration, self.vocab(model),
                                          tp_group=mpu.get_tensor_model_parallel_group(),
                                          pipeline=pipeline)
@@ -210,6 +291,10 @@ class RLPStep:
         groups = sorted(set(data.generated.groups),
                         key=lambda g: (len(data.samples[g].context), g))  # similar widths
         data.teacher_groups = groups
+        if not self.cfg.uses_teacher:  # RPT: no S_EMA (logged as 0)
+            data.teacher_groups = []
+            data.s_ema_generated = torch.zeros(len(data.generated.groups))
+            return
         if not groups:  # every stage of this DP replica owns nothing this step
             data.s_ema_generated = torch.zeros(0)
             return
@@ -249,14 +334,18 @@ class RLPStep:
         lengths = torch.tensor([len(t) for t in r.thoughts], dtype=torch.float64)
         local = torch.stack([rows.double(), torch.tensor(r.s_pred, dtype=torch.float64),
                              data.s_ema_generated.double(), closed.double(), lengths,
-                             torch.tensor(r.groups, dtype=torch.float64)], dim=1)
-        local = local.reshape(-1, 6)  # no generated rows: [0, 6]
-        world = _all_gather_rows(local.cuda(), dp).cpu()  # [global rows, 6]
+                             torch.tensor(r.groups, dtype=torch.float64),
+                             self._rpt_rewards(data).double()], dim=1)
+        local = local.reshape(-1, 7)  # no generated rows: [0, 7]
+        world = _all_gather_rows(local.cuda(), dp).cpu()  # [global rows, 7]
         world = world[torch.argsort(world[:, 0])]
         G = self.cfg.group_size
         _check_whole_groups(world[:, 5].long(), G)
         s_pred, s_ema = world[:, 1].view(-1, G), world[:, 2].view(-1, G)
-        reward = objective.information_gain(s_pred, s_ema[:, :1])
+        if self.cfg.objective == "rpt":
+            reward = world[:, 6].view(-1, G)
+        else:
+            reward = objective.information_gain(s_pred, s_ema[:, :1])
         valid = world[:, 3].view(-1, G).bool() if self.cfg.unclosed == "zero" else None
         if faults.nan_reward_at(data.iteration):
             reward[0, 0] = float("nan")  # fault injection (tests/test_faults.py)
@@ -266,21 +355,39 @@ class RLPStep:
         position = {int(i): k for k, i in enumerate(world[:, 0].tolist())}
         mine = [position[i] for i in data.rollout.rows]
         data.advantages = adv[mine].float()
+        data.rewards = reward.reshape(-1)[mine].float()
         data.s_ema = world[mine, 2].float()
+        data.metrics.update({"rlp/reward": reward.mean().item()} if self.cfg.objective == "rpt"
+                            else {"rlp/info_gain": reward.mean().item(),
+                                  "rlp/s_ema": s_ema.mean().item()})
         data.metrics.update({
-            "rlp/info_gain": reward.mean().item(),
             "rlp/s_pred": s_pred.mean().item(),
-            "rlp/s_ema": s_ema.mean().item(),
             "rlp/thought_len": world[:, 4].mean().item(),
             "rlp/closed_frac": world[:, 3].mean().item(),
             "rlp/advantage_abs": adv.abs().mean().item(),
         })
         self._num_thoughts_global = int((world[:, 4] > 0).sum().item())
 
+    def _rpt_rewards(self, data: StepData) -> torch.Tensor:
+        """RPT's reward of each generated row (:func:`objective.prefix_match_reward`); zeros
+        for RLP."""
+        r = data.generated
+        if self.cfg.objective != "rpt" or not r.rows:
+            return torch.zeros(len(r.rows))
+        n = self.cfg.rpt_match_tokens
+        truth = torch.full((len(r.rows), n), -1, dtype=torch.long)
+        for i, g in enumerate(r.groups):
+            known = data.samples[g].continuation[:n]
+            truth[i, : len(known)] = torch.tensor(known)
+        return objective.prefix_match_reward(torch.tensor(r.predicted), truth)
+
     # -----------------------------------------------------------------------------------------
     # Phase 5: the update, through Megatron's train_step
 
     def update_batches(self, data: StepData, num_microbatches: int) -> RerunDataIterator:
+        """The update's micro-batches: this rank's thought rows, then (``--rlp-ntp-weight`` > 0)
+        the NTP term's windows. Sets ``self.num_microbatches`` to their count, which the
+        update's schedule must run (train.py passes it to Megatron's forward_backward_func)."""
         n = len(data.rollout.rows)
         self._iteration = data.iteration
         fields = dict(tokens=data.tokens, position_ids=data.position_ids, labels=data.labels,
@@ -290,16 +397,56 @@ class RLPStep:
                           s_pred=data.s_pred)
         self._update_logp = []
         self._mismatch_max = None
-        dp_size = mpu.get_data_parallel_world_size()
-        # Per-thought loss sums are scaled so that Megatron's per-micro-batch averaging and DP
-        # gradient averaging add up to (1 / global thoughts) Σ loss (see loss_func).
-        self._loss_scale = num_microbatches * dp_size / max(1, getattr(self, "_num_thoughts_global", n))
         batches = _micro_batches(fields, self.micro_batch_size, trim=True)
         data.update_widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in batches]
-        return RerunDataIterator(iter(batches))
+        ntp = self.ntp_batches(data)
+        data.ntp_widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in ntp]
+        self.num_microbatches = len(batches) + len(ntp)
+        dp_size = mpu.get_data_parallel_world_size()
+        # Per-thought loss sums are scaled so that Megatron's per-micro-batch averaging and DP
+        # gradient averaging add up to (1 / global thoughts) Σ loss (see loss_func); the NTP
+        # term's to λ / (global NTP tokens) Σ CE.
+        thoughts = max(1, getattr(self, "_num_thoughts_global", n))
+        self._loss_scale = self.num_microbatches * dp_size / thoughts
+        if self.calculate_per_token_loss:  # Megatron divides by the thoughts counted
+            self._ntp_scale = self.cfg.ntp_weight * thoughts / max(1, self._ntp_tokens_global)
+        else:
+            self._ntp_scale = (self.cfg.ntp_weight * self.num_microbatches * dp_size
+                               / max(1, self._ntp_tokens_global))
+        return RerunDataIterator(iter(batches + ntp))
+
+    def ntp_batches(self, data: StepData) -> list[dict]:
+        """``--rlp-ntp-weight``: the windows of this step whose first group this rank generated
+        (each window once over the DP ranks), as Megatron's NTP micro-batches with the loss
+        mask off at the window's selected positions (their tokens are RLP's)."""
+        self.ntp_fields, self._ntp_tokens_global = None, 0
+        if self.cfg.ntp_weight <= 0:
+            return []
+        K = self.cfg.positions_per_doc
+        firsts = sorted(g for g in set(data.generated.groups) if g % K == 0)
+        S = self.seq_length
+        tokens = torch.zeros((len(firsts), S), dtype=torch.long)
+        labels = torch.zeros_like(tokens)
+        loss_mask = torch.ones((len(firsts), S), dtype=torch.float)
+        for i, g in enumerate(firsts):
+            w = torch.as_tensor(data.samples[g].window).long()
+            tokens[i], labels[i] = w[:-1], w[1:]
+            for t in self.window_targets[g // K]:
+                loss_mask[i, t - 1] = 0.0  # label t − 1 is x_t
+        count = torch.tensor([loss_mask.sum()], dtype=torch.float64).cuda()
+        dist.all_reduce(count, group=mpu.get_data_parallel_group())
+        self._ntp_tokens_global = int(count.item())
+        self.ntp_fields = dict(tokens=tokens, labels=labels, loss_mask=loss_mask,
+                               position_ids=torch.arange(S)[None].expand(len(firsts), S)
+                               .contiguous())
+        return _micro_batches(self.ntp_fields, self.micro_batch_size) if len(firsts) else []
 
     def forward_step(self, data_iterator, model, return_schedule_plan: bool = False):
         mb = _to_device(next(data_iterator))
+        if "loss_mask" in mb:  # the NTP term's window: Megatron's own loss path
+            output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"],
+                           loss_mask=mb["loss_mask"])
+            return output, partial(self.ntp_loss_func, mb)
         if self.fused:  # the model returns the labels' log-probs at T and S_pred (last stage)
             output = model(mb["tokens"], mb["position_ids"], None,
                            **_processor(self.request(labels=mb["labels"],
@@ -348,9 +495,26 @@ class RLPStep:
                                                 torch.tensor(float(s_pred_mismatch.numel()),
                                                              device=s_pred_mismatch.device)]),
         }
+        if self.cfg.ntp_weight > 0:
+            report["rlp/ntp_loss"] = torch.zeros(2, device=loss_sum.device)
         if self.calculate_per_token_loss:
             return loss_sum, count.to(torch.int), report
         return loss_sum * self._loss_scale, torch.ones((), dtype=torch.int).cuda(), report
+
+    def ntp_loss_func(self, mb, output_tensor):
+        """λ × Megatron's NTP loss (summed per token, normalised over the step's NTP tokens);
+        reports the same keys as :meth:`loss_func` (zero counts) plus ``rlp/ntp_loss``."""
+        mask = mb["loss_mask"].float()
+        ce_sum = (output_tensor.float() * mask).sum()
+        if self.check_nan:
+            _validate_finite(ce_sum)
+        zero = torch.zeros(2, device=ce_sum.device)
+        report = {key: zero for key in ("rlp/loss", "rlp/clip_frac", "rlp/ratio",
+                                        "rlp/logprob_mismatch", "rlp/s_pred_mismatch")}
+        report["rlp/ntp_loss"] = torch.stack([ce_sum.detach(), mask.sum()])
+        if self.calculate_per_token_loss:
+            return ce_sum * self._ntp_scale, torch.zeros((), dtype=torch.int).cuda(), report
+        return ce_sum * self._ntp_scale, torch.ones((), dtype=torch.int).cuda(), report
 
 
     def finish_update(self, data: StepData) -> None:
@@ -457,6 +621,22 @@ def _score_forward_step(data_iterator, model, temperature, vocab, step: RLPStep,
             result["logp"] = token_logprobs(output_tensor, mb["labels"], temperature,
                                             vocab).float()
         return result
+
+    return output, collect
+
+
+def _entropy_forward_step(data_iterator, model, vocab, step: RLPStep):
+    """Next-token entropies (T = 1) at every position of a window (position selection)."""
+    mb = _to_device(next(data_iterator))
+    if step.fused:
+        output = model(mb["tokens"], mb["position_ids"], None,
+                       **_processor(step.request(labels=mb["labels"], entropy=True)))
+        return output, lambda out, non_loss_data=False: {"entropy": out[..., 1].float()}
+    output = model(mb["tokens"], mb["position_ids"], None)
+
+    def collect(output_tensor, non_loss_data=False):
+        _, entropy = token_logprobs(output_tensor, mb["labels"], 1.0, vocab, entropy=True)
+        return {"entropy": entropy.float()}
 
     return output, collect
 

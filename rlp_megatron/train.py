@@ -151,8 +151,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         partial(_dataset_built_on_rank, vp_stage=vp_stage),
         gpt_dataset_config(args),
     ).build()
-    if args.objective == "rlp" and train is not None:
-        train = RLPDataset(train, args.rlp_group_size)
+    if args.objective != "ntp" and train is not None:
+        train = RLPDataset(train, args.rlp_group_size, args.rlp_positions_per_doc)
     return train, valid, test
 
 
@@ -233,7 +233,7 @@ class Run:
         self.skipped_steps = 0  # RLP steps skipped for non-finite rewards (rlp/skipped_steps)
         self.consecutive_skips = 0
         self.metrics_file = args.rlp_metrics_file
-        if args.objective == "rlp":
+        if args.objective != "ntp":  # rlp, rpt
             tokenizer = get_tokenizer()
             self.rlp = RLPStep(
                 rlp_arguments.RLPConfig.from_args(args),
@@ -251,13 +251,13 @@ class Run:
     def objective_for(self, iteration: int) -> str:
         """Objective of the step that produces iteration ``iteration + 1``."""
         k = self.args.rlp_ntp_every
-        if self.args.objective == "rlp" and k and (iteration + 1) % k == 0:
+        if self.args.objective != "ntp" and k and (iteration + 1) % k == 0:
             return "ntp"
         return self.args.objective
 
     def ensure_teacher(self, model) -> None:
         """φ at the first step of an RLP run: from the resumed checkpoint's sidecar, else φ ← θ."""
-        if self.rlp is None or self.rlp.teacher is not None:
+        if self.rlp is None or self.rlp.teacher is not None or not self.rlp.needs_teacher:
             return
         decay = self.rlp.cfg.ema_decay
         where = self.loaded_iteration_dir
@@ -279,8 +279,8 @@ class Run:
             print_rank_0(f"rlp_megatron: WARNING: RLP checkpoint {where} has no EMA teacher "
                          f"sidecar ({teacher_lib.SIDECAR_DIR}/); starting φ ← θ from its weights")
         elif where:
-            print_rank_0(f"rlp_megatron: switching to RLP from the NTP checkpoint {where}: "
-                         f"EMA teacher starts as φ ← θ (the loaded weights)")
+            print_rank_0(f"rlp_megatron: switching to RLP from the {_saved_objective(where)} "
+                         f"checkpoint {where}: EMA teacher starts as φ ← θ (the loaded weights)")
         self.rlp.teacher = EMATeacher(model, decay)
 
     def write_metrics(self, iteration: int, objective: str, loss_reduced: dict) -> None:
@@ -328,8 +328,8 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     step = run.rlp
     num_mb = get_num_microbatches()
     t0 = time.perf_counter()
-    work, samples = step.pull_samples(data_iterator, num_mb)
-    generated, rollout = step.rollout(model, work, iteration)
+    work, samples = step.pull_samples(model, data_iterator, num_mb, iteration + 1)
+    generated, rollout = step.rollout(model, work, iteration, step.owner)
     t1 = time.perf_counter()
     data = StepData(samples=samples, rollout=rollout, generated=generated,
                     iteration=iteration + 1)
@@ -349,7 +349,8 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     # --seq-length set to the widest, for anything that still reads it.
     with _seq_length(args, data.length), variable_seq_lengths(model):
         out = orig_train_step(step.forward_step, batches, model, optimizer, scheduler, config,
-                              forward_backward_func, iteration=iteration, **kwargs)
+                              _with_microbatches(forward_backward_func, step.num_microbatches),
+                              iteration=iteration, **kwargs)
     if mpu.is_pipeline_last_stage():
         step.finish_update(data)
     t3 = time.perf_counter()
@@ -367,11 +368,22 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
     return out, data.metrics
 
 
+def _with_microbatches(forward_backward_func, num_microbatches: int):
+    """Megatron's forward_backward_func running ``num_microbatches`` (the NTP term adds
+    micro-batches to the step; Megatron's own count still drives its LR schedule)."""
+    def run(**kwargs):
+        kwargs["num_microbatches"] = num_microbatches
+        return forward_backward_func(**kwargs)
+
+    return run
+
+
 def _step_totals(args, step: RLPStep, data: StepData, generated, update) -> list[float]:
     """Thoughts generated, tokens sampled and FLOPs run by the step, summed over DP ranks."""
     flops = _rlp_flops(args, update=update, teacher=data.teacher_widths,
                        fed_tokens=generated.fed_tokens, logit_rows=generated.logit_rows,
-                       fused=step.fused)
+                       fused=step.fused, entropy=step.entropy_widths,
+                       ntp=data.ntp_widths if update else [])
     totals = torch.tensor([len(generated.rows), generated.generated_tokens, flops],
                           dtype=torch.float64).cuda()
     torch.distributed.all_reduce(totals, group=mpu.get_data_parallel_group())
@@ -425,30 +437,39 @@ def _per_sequence_fwd(args, length: int) -> float:
 
 
 def _rlp_flops(args, *, update: list[tuple[int, int]], teacher: list[tuple[int, int]],
-               fed_tokens: int, logit_rows: int, fused: bool) -> float:
+               fed_tokens: int, logit_rows: int, fused: bool,
+               entropy: list[tuple[int, int]] = (), ntp: list[tuple[int, int]] = ()) -> float:
     """FLOPs this rank ran for one RLP step, with Megatron's own per-sequence formula at the
     widths actually computed, split into the model body and the output projection (2·h·V per
     position and forward) so that each counts where it ran:
 
-    * body: the update (fwd+bwd = 3 fwd) and the teacher forward, each micro-batch's rows at its
-      width (``update`` / ``teacher``: (rows, width) per micro-batch), and the rollout's forwards
-      (every token fed; per token as in a --seq-length sequence);
+    * body: the update (fwd+bwd = 3 fwd), the teacher forward and the entropy forward of
+      position selection, each micro-batch's rows at its width (``update`` / ``teacher`` /
+      ``entropy``: (rows, width) per micro-batch), and the rollout's forwards (every token fed;
+      per token as in a --seq-length sequence);
+    * the NTP term's windows (``--rlp-ntp-weight``, ``ntp``): Megatron's own formula, fwd+bwd,
+      output layer included (they run Megatron's loss path);
     * output projection: the update over every position — fused, 4× (forward, the backward's
       recomputation, and the two gradient GEMMs) instead of Megatron's 3×, plus S_pred's position
       once per row —, the teacher at the one scored position per context and the rollout at the
-      positions whose logits it computed (the last of each forward); through Megatron's output
-      layer (``--rlp-logprobs logits``) at every position of every forward.
+      positions whose logits it computed (the last of each forward), the entropy forward at
+      every position; through Megatron's output layer (``--rlp-logprobs logits``) at every
+      position of every forward.
     """
     logit = 2.0 * args.hidden_size * args.padded_vocab_size
     per_token = _per_sequence_fwd(args, args.seq_length) / args.seq_length
-    fwd = {w: _per_sequence_fwd(args, w) for _, w in update + teacher}
+    fwd = {w: _per_sequence_fwd(args, w) for _, w in [*update, *teacher, *entropy, *ntp]}
+    megatron = sum(3 * n * fwd[w] for n, w in ntp)
     if not fused:
-        return (sum(3 * n * fwd[w] for n, w in update) + sum(n * fwd[w] for n, w in teacher)
-                + per_token * fed_tokens)
+        return (sum(3 * n * fwd[w] for n, w in update)
+                + sum(n * fwd[w] for n, w in [*teacher, *entropy])
+                + per_token * fed_tokens + megatron)
     rows, contexts = sum(n for n, _ in update), sum(n for n, _ in teacher)
     body = (sum(3 * n * (fwd[w] - logit * w) for n, w in update)
-            + sum(n * (fwd[w] - logit * w) for n, w in teacher) + (per_token - logit) * fed_tokens)
-    return body + logit * (4 * sum(n * w for n, w in update) + rows + contexts + logit_rows)
+            + sum(n * (fwd[w] - logit * w) for n, w in [*teacher, *entropy])
+            + (per_token - logit) * fed_tokens)
+    return (body + megatron + logit * (4 * sum(n * w for n, w in update) + rows + contexts
+                                       + logit_rows + sum(n * w for n, w in entropy)))
 
 
 def _dump_rollout(directory, iteration, data: StepData):
@@ -462,6 +483,8 @@ def _dump_rollout(directory, iteration, data: StepData):
         "prompts": [data.samples[g].prompt for g in r.groups],
         "targets": [data.samples[g].target for g in r.groups],
         "s_pred": data.s_pred, "s_ema": data.s_ema, "advantages": data.advantages,
+        "rewards": data.rewards, "positions": [data.samples[g].position for g in r.groups],
+        "generated_rows": g.rows, "predicted": g.predicted,
         "old_logp": data.old_logp, "thought_mask": data.thought_mask,
         # The work this rank ran: the rollout of the groups it owns, the teacher on their contexts.
         "fed_tokens": g.fed_tokens,
@@ -481,7 +504,7 @@ def _train_step(forward_step_func, data_iterator, model, optimizer, opt_param_sc
     objective = run.objective_for(iteration)
     run.last_step_flops = None
     extra = {}
-    if objective == "rlp":
+    if objective != "ntp":  # rlp, rpt
         out, extra = _rlp_iteration(run, _ORIG_TRAIN_STEP, data_iterator, model, optimizer,
                                     opt_param_scheduler, config, forward_backward_func, iteration,
                                     kwargs)
@@ -635,7 +658,7 @@ def _load_checkpoint(*args, **kwargs):
                                                              return_base_dir=True)
         if os.path.isdir(iteration_dir):
             _RUN.loaded_iteration_dir = iteration_dir
-    if _RUN is not None and margs.objective == "rlp":
+    if _RUN is not None and margs.objective != "ntp":
         align_consumed_samples(margs)
     return result
 
@@ -651,15 +674,17 @@ def align_consumed_samples(args) -> int:
     Megatron's ``skipped samples``) keeps every group whole for the rest of the run: the global
     batch and any batch-size ramp-up are multiples of G (checked at startup). Runs before the
     data loader is built, which starts at ``args.consumed_train_samples``."""
-    G = args.rlp_group_size
+    G = args.rlp_group_size * args.rlp_positions_per_doc  # K groups share a window
     consumed = int(args.consumed_train_samples)
     skip = (-consumed) % G
     if skip:
         args.consumed_train_samples = consumed + skip
         args.skipped_train_samples = getattr(args, "skipped_train_samples", 0) + skip
+        flag = ("--rlp-group-size" if args.rlp_positions_per_doc == 1
+                else "--rlp-group-size × --rlp-positions-per-doc")
         print_rank_0(f"rlp_megatron: consumed samples {consumed} is not a multiple of "
-                     f"--rlp-group-size {G}: skipping samples {consumed}..{consumed + skip - 1} "
-                     f"so that every group is {G} thoughts of one context")
+                     f"{flag} {G}: skipping samples {consumed}..{consumed + skip - 1} "
+                     f"so that every group is {args.rlp_group_size} thoughts of one context")
     return skip
 
 

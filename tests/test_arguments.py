@@ -71,6 +71,20 @@ def test_default_context_length_shrinks_to_fit_seq_length_but_explicit_values_do
     (dict(rlp_think_tokens=["5 6", "7"]), "--rlp-think-tokens: '5 6' is 2 tokens"),
     (dict(context_parallel_size=2), "--context-parallel-size > 1 is not supported"),
     (dict(rlp_ntp_every=1), "--rlp-ntp-every must be 0 (off) or >= 2"),
+    # Position selection, RPT, the NTP term.
+    (dict(rlp_positions_per_doc=0), "--rlp-positions-per-doc must be >= 1"),
+    (dict(rlp_positions_per_doc=3), "--global-batch-size (32) must be a multiple of "
+                                    "--rlp-group-size (16) × --rlp-positions-per-doc (3)"),
+    (dict(rlp_entropy_top_fraction=0.0), "--rlp-entropy-top-fraction must be in (0, 1]"),
+    (dict(rlp_entropy_threshold=2.0), "--rlp-entropy-threshold applies to --rlp-positions "
+                                      "entropy"),
+    (dict(rlp_positions="curriculum", rlp_curriculum_iters=0),
+     "--rlp-curriculum-iters must be >= 1"),
+    (dict(objective="rpt", rlp_entropy_model="teacher"), "--rlp-entropy-model teacher needs"),
+    (dict(objective="rpt", rlp_rpt_match_tokens=0), "--rlp-rpt-match-tokens must be >= 1"),
+    (dict(objective="rpt", rlp_rpt_match_tokens=40), "exceeds --seq-length"),
+    (dict(rlp_ntp_weight=-0.1), "--rlp-ntp-weight must be a finite number >= 0"),
+    (dict(rlp_ntp_weight=float("nan")), "--rlp-ntp-weight must be a finite number >= 0"),
     # What the RLP step cannot honour: refused at startup instead of failing mid-run.
     (dict(cuda_graph_impl="local"), "--cuda-graph-impl local is not supported"),
     (dict(fp8="hybrid"), "--fp8-format is not supported"),

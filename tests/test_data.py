@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from rlp_megatron.data import (
-    RLPDataset, ThinkTokens, build_sample, document_starts, layout_rows, resolve_think_tokens,
-    sample_position)
+    PositionConfig, RLPDataset, ThinkTokens, build_sample, document_starts, eligible_positions,
+    entropy_candidates, layout_rows, resolve_think_tokens, sample_position, sample_positions)
 
 EOD = 99
 
@@ -150,3 +150,81 @@ def test_think_tokens_must_be_ids_of_the_vocabulary():
     for spec in (["4095", "99999"], ["-3", "7"]):
         with pytest.raises(ValueError, match=r"--rlp-think-tokens: .* outside the vocabulary"):
             resolve_think_tokens(tok, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Position selection (--rlp-positions, --rlp-positions-per-doc)
+
+
+def _doc_window():
+    # one document of 40 tokens, an eod, then 23 more
+    return np.array([*range(1, 41), EOD, *range(41, 64)])
+
+
+def test_uniform_draw_of_one_position_is_unchanged_by_the_k_positions_code():
+    """K = 1 with every eligible position a candidate is the paper's draw, as before: one
+    rng.choice over the eligible positions, keyed by (seed, group)."""
+    w = _doc_window()
+    for g in range(20):
+        valid, starts = eligible_positions(w, EOD, 4)
+        t = int(np.random.default_rng([7, g]).choice(valid))
+        assert sample_position(w, EOD, 4, 16, seed=7, group_index=g) == (
+            t, max(int(starts[t]), t - 16))
+
+
+def test_k_positions_per_window_are_distinct_and_the_first_is_the_k1_draw():
+    w = _doc_window()
+    for b in range(10):
+        picks = sample_positions(w, EOD, 4, 16, seed=3, window_index=b, k=4)
+        ts = [t for t, _ in picks]
+        assert len(set(ts)) == 4
+        assert picks[0] == sample_position(w, EOD, 4, 16, seed=3, group_index=b)
+    # fewer candidates than K: each candidate once, then over again
+    picks = sample_positions(w, EOD, 4, 16, seed=3, window_index=0, k=3, candidates=[10, 20])
+    assert sorted(t for t, _ in picks[:2]) == [10, 20] and picks[2][0] in (10, 20)
+
+
+def _entropy(w):
+    rng = np.random.default_rng(0)
+    return rng.permutation(len(w)).astype(float) / 10  # distinct entropies, h[t] predicts w[t]
+
+
+def test_entropy_candidates_top_fraction_threshold_and_fallback():
+    w = _doc_window()
+    h = _entropy(w)
+    valid, _ = eligible_positions(w, EOD, 4)
+    cfg = PositionConfig(strategy="entropy", top_fraction=0.25)
+    top = entropy_candidates(valid, h, cfg, iteration=1)
+    n = len(valid)
+    assert len(top) == int(np.ceil(0.25 * n))
+    assert h[top].min() > np.sort(h[valid])[::-1][len(top)]  # exactly the highest ones
+    thr = PositionConfig(strategy="entropy", threshold=4.0)
+    assert entropy_candidates(valid, h, thr, 1).tolist() == sorted(valid[h[valid] >= 4.0])
+    # a threshold no position reaches: the K highest-entropy positions, not nothing
+    none = PositionConfig(strategy="entropy", threshold=1e9)
+    assert entropy_candidates(valid, h, none, 1, k=2).tolist() == sorted(
+        valid[np.argsort(-h[valid])[:2]])
+
+
+def test_curriculum_band_moves_from_the_lowest_entropies_to_the_highest():
+    w = _doc_window()
+    h = _entropy(w)
+    valid, _ = eligible_positions(w, EOD, 4)
+    cfg = PositionConfig(strategy="curriculum", top_fraction=0.2, curriculum_iters=10,
+                         curriculum_start=100)
+    ranked = valid[np.argsort(h[valid])]  # easy (low entropy) first
+    k = int(np.ceil(0.2 * len(valid)))
+    assert entropy_candidates(valid, h, cfg, 100).tolist() == sorted(ranked[:k])  # easiest
+    assert entropy_candidates(valid, h, cfg, 50).tolist() == sorted(ranked[:k])  # before start
+    assert entropy_candidates(valid, h, cfg, 110).tolist() == sorted(ranked[-k:])  # hardest
+    assert entropy_candidates(valid, h, cfg, 999).tolist() == sorted(ranked[-k:])
+    means = [h[entropy_candidates(valid, h, cfg, it)].mean() for it in range(100, 111)]
+    assert all(a <= b for a, b in zip(means, means[1:])) and means[0] < means[-1]
+
+
+def test_k_groups_of_a_window_read_its_first_index():
+    base = [{"tokens": torch.full((4,), i), "labels": torch.full((4,), i + 100)} for i in range(16)]
+    ds = RLPDataset(base, group_size=2, per_doc=4)  # K·G = 8 rows per window
+    for i in range(16):
+        first = (i // 8) * 8
+        assert ds[i]["window"].tolist() == [first] * 4 + [first + 100]

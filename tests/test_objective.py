@@ -13,6 +13,7 @@ from rlp_megatron.objective import (
     group_advantages,
     information_gain,
     per_thought_surrogate,
+    prefix_match_reward,
 )
 
 
@@ -26,6 +27,30 @@ def one_token_thoughts(ratios, advantages):
 
 # --------------------------------------------------------------------------------------------------
 # reward and advantage
+
+
+def test_rpt_reward_is_one_only_for_an_exact_match_of_all_n_tokens():
+    truth = torch.tensor([[5, 6, 7]])
+    cases = {  # prediction -> reward
+        (5, 6, 7): 1.0,  # match
+        (9, 6, 7): 0.0,  # mismatch at the first token
+        (5, 6, 9): 0.0,  # a partial prefix (2 of 3 tokens) is not a match
+        (5, 9, 7): 0.0,  # diverges, then agrees again: still 0
+    }
+    for pred, reward in cases.items():
+        assert prefix_match_reward(torch.tensor([pred]), truth).tolist() == [reward], pred
+    # one token (RPT's next-token reasoning): the sampled token is the text's next token
+    assert prefix_match_reward(torch.tensor([[4], [3]]), torch.tensor([[4], [4]])).tolist() == [
+        1.0, 0.0]
+    # the text ends inside the window: only the tokens it has are compared
+    assert prefix_match_reward(torch.tensor([[5, 6, 1]]), torch.tensor([[5, 6, -1]])).tolist() == [1.0]
+    assert prefix_match_reward(torch.tensor([[5, 0, 1]]), torch.tensor([[5, 6, -1]])).tolist() == [0.0]
+    # [B, G, n] → [B, G], fp32, no gradient needed
+    out = prefix_match_reward(torch.zeros(2, 4, 2, dtype=torch.long), torch.zeros(2, 4, 2,
+                                                                                dtype=torch.long))
+    assert out.shape == (2, 4) and out.dtype == torch.float32 and bool((out == 1).all())
+    with pytest.raises(ValueError, match="one shape"):
+        prefix_match_reward(torch.zeros(2, 3), torch.zeros(2, 2))
 
 
 def test_paper_worked_example_advantages():

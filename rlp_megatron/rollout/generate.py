@@ -83,6 +83,7 @@ class RolloutConfig:
     micro_batch_size: int = 0  # rows per rollout batch; 0 = all rows of the rank at once
     pad_id: int = 0
     fused_logprobs: bool = True  # last-position logits from the hidden states (no output layer)
+    predict_tokens: int = 0  # RPT: tokens sampled after </think> (0: RLP, S_pred only)
 
 
 @dataclasses.dataclass
@@ -95,6 +96,7 @@ class Rollout:
     closed: list[bool]  # ended with a sampled </think>
     behaviour_logprobs: list[torch.Tensor]  # one per thought, len == len(thought)
     s_pred: list[float] = dataclasses.field(default_factory=list)  # last pipeline stage only
+    predicted: list[list[int]] = dataclasses.field(default_factory=list)  # RPT, last stage
     fed_tokens: int = 0  # tokens run through the model: prefills + rows × decode steps
     logit_rows: int = 0  # positions whose logits were computed (fused: the last of each forward)
     decode_steps: int = 0  # one-token forwards (each feeds every row in the cache)
@@ -170,9 +172,11 @@ class _Slots:
     score_now: torch.Tensor  # the current logits predict x_t
     scored: torch.Tensor  # S_pred recorded: the row costs nothing from here on
     s_pred: torch.Tensor
+    pred_k: torch.Tensor  # RPT: prediction tokens sampled so far
+    predicted: torch.Tensor  # [n, max(1, predict_tokens)] RPT's predictions
 
     @classmethod
-    def contexts(cls, n: int, thought_length: int, device) -> "_Slots":
+    def contexts(cls, n: int, thought_length: int, device, predict: int = 1) -> "_Slots":
         def zeros(*shape, dtype=torch.bool):
             return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -183,7 +187,8 @@ class _Slots:
                    logps=zeros(n, thought_length, dtype=torch.float32),
                    n_tok=zeros(n, dtype=torch.long), closed=zeros(n), done=zeros(n),
                    need_close=zeros(n), score_now=zeros(n), scored=zeros(n),
-                   s_pred=zeros(n, dtype=torch.float32))
+                   s_pred=zeros(n, dtype=torch.float32), pred_k=zeros(n, dtype=torch.long),
+                   predicted=zeros(n, predict, dtype=torch.long))
 
     def select(self, index: torch.Tensor) -> "_Slots":
         return _Slots(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
@@ -204,29 +209,46 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
         prompts[j, : len(s.prompt)] = torch.tensor(s.prompt)
     prompts = prompts.to(dev)
     targets = torch.tensor([s.target for s in samples], device=dev)
+    n_score = max(1, cfg.predict_tokens)  # forwards whose logits score or predict the text
+    # The text after x_t, fed while RPT predicts (−1: past the window; fed as padding).
+    truth = torch.full((n_ctx, n_score), -1, dtype=torch.long)
+    for j, s in enumerate(samples):
+        known = s.continuation[:n_score] or [s.target]
+        truth[j, : len(known)] = torch.tensor(known)
+    truth = truth.to(dev)
 
     request = None
     if cfg.fused_logprobs and vocab is not None:
         request = LogprobRequest(vocab=vocab, last_logits=True)
-    ctx = inference.new_context(model, n_ctx, l_max + cfg.thought_length + 1)
+    ctx = inference.new_context(model, n_ctx, l_max + cfg.thought_length + n_score)
     logits = inference.forward_with_cache(model, prompts[:, :l_min], ctx, pipeline, request)
     out.fed_tokens += n_ctx * l_min
     out.logit_rows += n_ctx if request is not None else n_ctx * l_min
     is_last = pipeline is None or pipeline.is_last
 
-    slots = _Slots.contexts(n_ctx, cfg.thought_length, dev)
+    slots = _Slots.contexts(n_ctx, cfg.thought_length, dev, n_score)
     expanded = 0  # contexts [0, expanded) have their rows in row slots
     harvest = []  # slots of scored rows, dropped from the cache
     close = torch.tensor(cfg.think.close, device=dev)
     pad = torch.tensor(cfg.pad_id, device=dev)
     pos = l_min  # position predicted by `logits`
     while True:
-        slots.scored |= slots.score_now
+        continuing = slots.score_now & (slots.pred_k + 1 < n_score)  # RPT predicts on
+        slots.scored |= slots.score_now & ~continuing
         # The step's one host sync: rows scored so far, and whether any is scored now.
         n_scored, n_now = torch.stack([slots.scored.sum(), slots.score_now.sum()]).tolist()
         if is_last and n_now:  # S_pred = log p(x_t | prompt, thought, </think>) at T = 1
+            first = slots.score_now & (slots.pred_k == 0)
             lp_target = inference.token_logprobs(logits, targets[slots.sample], 1.0, vocab)
-            slots.s_pred = torch.where(slots.score_now, lp_target, slots.s_pred)
+            slots.s_pred = torch.where(first, lp_target, slots.s_pred)
+            if cfg.predict_tokens:  # RPT: ŷ_k+1 ~ p_T(· | …, </think>, x_t … x_t+k−1)
+                k = slots.pred_k.clamp(max=n_score - 1)
+                keys = sampling_lib.splitmix64(slots.key ^ (cfg.thought_length + k))
+                guess = sampling_lib.gumbel_max_sample(logits, keys, cfg.temperature,
+                                                       vocab.start, tp_group,
+                                                       vocab_size=vocab.vocab_size)
+                slots.predicted.scatter_(1, k[:, None], torch.where(
+                    slots.score_now, guess, slots.predicted.gather(1, k[:, None])[:, 0])[:, None])
         n_ctx_slots = n_ctx - expanded
         if expanded == n_ctx and n_scored == len(slots):
             harvest.append(slots)
@@ -272,7 +294,11 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
         prompt_tok = prompts[slots.sample, min(pos, l_max - 1)]
         next_tok = torch.where(sampling, tok, torch.where(slots.row < 0, prompt_tok, pad))
         next_tok = torch.where(slots.need_close, close, next_tok)
-        slots.score_now = closed_now | slots.need_close
+        continuing = slots.score_now & (slots.pred_k + 1 < n_score)  # (slots reindexed)
+        fed_truth = truth[slots.sample, slots.pred_k.clamp(max=n_score - 1)]
+        next_tok = torch.where(continuing, torch.where(fed_truth >= 0, fed_truth, pad), next_tok)
+        slots.pred_k += slots.score_now.long()
+        slots.score_now = closed_now | slots.need_close | continuing
         slots.need_close = finished & ~closed_now
         logits = inference.forward_with_cache(model, next_tok[:, None], ctx, pipeline, request)
         out.fed_tokens += len(slots)
@@ -295,6 +321,8 @@ def _generate_batch(model, batch, cfg: RolloutConfig, iteration, vocab: VocabSha
             out.closed.append(bool(done.closed[i]))
             out.behaviour_logprobs.append(done.logps[i, :n].clone())
             out.s_pred.append(float(done.s_pred[i]))
+            if cfg.predict_tokens:
+                out.predicted.append(done.predicted[i].tolist())
 
 
 def _reindex(slots: _Slots, n_scored: int, n_ctx_slots: int, expand_rows: list[list[int]],

@@ -32,24 +32,32 @@ from rlp_megatron.data import RLPSample
 from rlp_megatron.rollout.generate import Rollout
 
 
-def own_groups(work: list[tuple[RLPSample, list[int]]], group_size: int,
-               dp_group) -> list[tuple[RLPSample, list[int]]]:
-    """The (sample, all G global rows) of each group this rank generates; ``work`` holds the
-    rows this rank holds for the update."""
+def owners(groups: list[int], group_size: int, dp_group) -> dict[int, int]:
+    """Owner (DP group rank) of every group of the step, from the groups this rank holds; the
+    same map on every rank (see the module docstring)."""
     size = dist.get_world_size(dp_group) if dp_group is not None else 1
     if size == 1:
-        return [(s, _group_rows(s.group, group_size)) for s, _ in work]
+        return {g: 0 for g in groups}
     held = [None] * size
-    dist.all_gather_object(held, sorted(s.group for s, _ in work), group=dp_group)
+    dist.all_gather_object(held, sorted(groups), group=dp_group)
     holders: dict[int, list[int]] = {}
-    for rank, groups in enumerate(held):
-        for g in groups:
+    for rank, held_groups in enumerate(held):
+        for g in held_groups:
             holders.setdefault(g, []).append(rank)
     load, owner = [0] * size, {}
     for g in sorted(holders):
         owner[g] = min(holders[g], key=lambda r: (load[r], r))
         load[owner[g]] += group_size
-    me = dist.get_rank(dp_group)
+    return owner
+
+
+def own_groups(work: list[tuple[RLPSample, list[int]]], group_size: int, dp_group,
+               owner: dict[int, int] | None = None) -> list[tuple[RLPSample, list[int]]]:
+    """The (sample, all G global rows) of each group this rank generates; ``work`` holds the
+    rows this rank holds for the update (``owner``: the step's :func:`owners`, if known)."""
+    if owner is None:
+        owner = owners([s.group for s, _ in work], group_size, dp_group)
+    me = dist.get_rank(dp_group) if dp_group is not None and dist.get_world_size(dp_group) > 1 else 0
     return [(s, _group_rows(s.group, group_size)) for s, _ in work if owner[s.group] == me]
 
 

@@ -58,10 +58,80 @@ def _record_rollout_communication(log: list) -> None:
     gen.generate = generate
 
 
+def _record_positions(log: list) -> None:
+    """Before each step's position choice, the naive next-token entropies of every window:
+    Megatron's own logits (output layer, TP shards gathered), softmax entropy in fp64 over the
+    real vocabulary; after it, the positions chosen. PP = 1."""
+    import torch.distributed as dist
+
+    from rlp_megatron import step as step_lib
+
+    original = step_lib.RLPStep.positions
+
+    def positions(self, model, window_of, iteration):
+        import contextlib
+
+        windows = {g: torch.as_tensor(w).long() for g, w in window_of.items()}
+        naive = {}
+        swap = (self.teacher.swapped_in() if self.cfg.entropy_model == "teacher"
+                else contextlib.nullcontext())
+        with torch.no_grad(), swap:
+            for g, w in windows.items():
+                logits = model[0](w[None, :-1], torch.arange(len(w) - 1)[None], None)
+                tp = mpu.get_tensor_model_parallel_group()
+                parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(tp))]
+                dist.all_gather(parts, logits.contiguous(), group=tp)
+                full = torch.cat(parts, dim=-1)[0, :, : self.vocab_size].double()
+                p = torch.softmax(full, dim=-1)
+                naive[g] = -(p * torch.log(p)).sum(-1)  # [S]: entry j predicts w[j + 1]
+        chosen = original(self, model, window_of, iteration)
+        log.append({"iteration": iteration, "windows": windows, "naive_entropy": naive,
+                    "chosen": chosen})
+        return chosen
+
+    step_lib.RLPStep.positions = positions
+
+
+def _record_ntp_gradient(log: list) -> None:
+    """The NTP term's gradient computed on its own: after the update's micro-batches are built
+    (θ as the update sees it), Megatron's forward with labels over the same windows and loss
+    mask, Σ CE / (tokens), backward into the gradient buffers; recorded, then cleared (the
+    training step zeroes them anyway). TP = PP = DP = 1."""
+    from rlp_megatron import step as step_lib
+
+    original = step_lib.RLPStep.update_batches
+
+    def update_batches(self, data, num_microbatches):
+        batches = original(self, data, num_microbatches)
+        model = self._model_for_test
+        f = self.ntp_fields
+        if f is None:  # --rlp-ntp-weight 0
+            return batches
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        losses = model[0](f["tokens"], f["position_ids"], None, labels=f["labels"],
+                          loss_mask=f["loss_mask"])
+        ((losses.float() * f["loss_mask"]).sum() / f["loss_mask"].sum()).backward()
+        log.append({n: p.main_grad.detach().float().clone()
+                    for n, p in named_model_parameters(model)})
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        return batches
+
+    step_lib.RLPStep.update_batches = update_batches
+
+
 def main():
     out = Path(sys.argv[1])
     argv = sys.argv[2:]
-    snaps = {"theta": [], "phi": [], "flops": [], "comm": []}
+    snaps = {"theta": [], "phi": [], "flops": [], "comm": [], "positions": [], "ntp_grad": []}
+    if "--record-positions" in argv:
+        argv.remove("--record-positions")
+        _record_positions(snaps["positions"])
+    record_ntp = "--record-ntp-gradient" in argv
+    if record_ntp:
+        argv.remove("--record-ntp-gradient")
+        _record_ntp_gradient(snaps["ntp_grad"])
     record_grads = "--record-grads" in argv
     if record_grads:
         argv.remove("--record-grads")
@@ -76,9 +146,15 @@ def main():
 
         def recording_train_step(*a, **k):
             model, optimizer = a[2], a[3]
+            if run.rlp is not None:
+                run.rlp._model_for_test = model
             if not snaps["theta"]:
                 snaps["theta"].append(_params(model))
             result = step(*a, **k)
+            if record_ntp:  # the step's gradients (TP = DP = 1: already the global ones)
+                snaps.setdefault("step_grads", []).append(
+                    {n: p.main_grad.detach().float().clone()
+                     for n, p in named_model_parameters(model)})
             if record_grads:  # the step's reduced gradients, saved in the global layout
                 from megatron.core import dist_checkpointing
 
