@@ -1,5 +1,10 @@
 """One RLP training step on the sharded model: positions → rollout → teacher → update → EMA.
 
+The same step runs RPT (``--objective rpt``: the rollout also predicts the next tokens after
+``</think>``, the reward is their exact match, no teacher) and the ablations of
+``--rlp-positions`` (an entropy forward of the windows picks the positions) and
+``--rlp-ntp-weight`` (the windows' other tokens join the update as NTP micro-batches).
+
 Each phase is a method of :class:`RLPStep`, timed under its own name, and runs real Megatron-Core
 code: rollouts through Megatron's static inference context (:mod:`rlp_megatron.rollout`), the
 teacher forward through Megatron's pipeline schedule (forward only), the update through
@@ -26,24 +31,23 @@ Choices (the paper leaves them open; rlp_spec §7):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import mpu
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.rerun_state_machine import RerunDataIterator
 
 from rlp_megatron import faults, objective
+from rlp_megatron import positions as positions_lib
+from rlp_megatron.forward import (all_gather_rows, forward_only, micro_batches, processor,
+                                  to_device)
+from rlp_megatron.forward import variable_seq_lengths  # noqa: F401  (train.py's import)
 from rlp_megatron.arguments import RLPConfig
-from rlp_megatron.data import (RLPSample, ThinkTokens, build_sample, eligible_positions,
-                               entropy_candidates, layout_rows, sample_positions)
-from rlp_megatron.logprobs import (LogprobRequest, VocabShard, rlp_output_processor,
-                                   token_logprobs, vocab_shard)
+from rlp_megatron.data import RLPSample, ThinkTokens, build_sample, layout_rows
+from rlp_megatron.logprobs import LogprobRequest, VocabShard, token_logprobs, vocab_shard
 from rlp_megatron.rollout import generate as rollout_lib
 from rlp_megatron.rollout import placement
 from rlp_megatron.teacher import EMATeacher
@@ -146,77 +150,20 @@ class RLPStep:
             group = idx // self.cfg.group_size
             window_of.setdefault(group, w.numpy())
             work.setdefault(group, []).append(idx)
-        positions = self.positions(model, window_of, iteration)
+        chosen = self.positions(model, window_of, iteration)
+        self.owner, self.entropy_widths = chosen.owner, chosen.entropy_widths
+        self.window_targets = chosen.window_targets
         samples = {g: build_sample(window_of[g], g, eod=self.eod, think=self.think,
                                    prompt_prefix=self.prompt_prefix,
                                    min_context=self.cfg.min_context,
                                    context_length=self.cfg.context_length, seed=self.cfg.seed,
-                                   position=positions[g])
+                                   position=chosen.by_group[g])
                    for g in work}
         return [(samples[g], rows) for g, rows in work.items()], samples
 
-    def positions(self, model, window_of: dict, iteration: int) -> dict[int, tuple[int, int]]:
-        """(t, context_start) of each group (see rlp_megatron.data). Uniform: a pure function of
-        the window. By entropy: the windows' owners (:func:`placement.owners`; a window belongs
-        to the owner of its first group in the step) run one forward of θ (or φ) over their
-        windows, draw the K positions of each on the last stage, and every rank gets them."""
-        K, pc = self.cfg.positions_per_doc, self.cfg.position_config
-        draw = partial(sample_positions, eod=self.eod, min_context=self.cfg.min_context,
-                       context_length=self.cfg.context_length, seed=self.cfg.seed, k=K)
-        self.entropy_widths, self.owner = [], None
-        if not pc.needs_entropy:
-            cache = {}
-            for g, w in window_of.items():
-                if g // K not in cache:
-                    cache[g // K] = draw(w, window_index=g // K)
-            self.window_targets = {b: [t for t, _ in p] for b, p in cache.items()}
-            return {g: cache[g // K][g % K] for g in window_of}
-        dp = mpu.get_data_parallel_group()
-        self.owner = placement.owners(list(window_of), self.cfg.group_size, dp)
-        first = {}
-        for g in sorted(self.owner):
-            first.setdefault(g // K, g)
-        me = dist.get_rank(dp) if dist.get_world_size(dp) > 1 else 0
-        mine = sorted(b for b, g in first.items() if self.owner[g] == me)
-        entropy = self.window_entropy(model, [window_of[first[b]] for b in mine]) if mine else None
-        picks = torch.zeros((len(mine) * K, 4), dtype=torch.long)  # block, j, t, start
-        if entropy is not None:  # last stage
-            for i, b in enumerate(mine):
-                w = window_of[first[b]]
-                valid, _ = eligible_positions(w, self.eod, self.cfg.min_context)
-                h = np.full(len(w), np.nan)
-                h[1:] = entropy[i, : len(w) - 1].double().numpy()  # h[t] predicts w[t]
-                cand = entropy_candidates(valid, h, pc, iteration, K)
-                for j, (t, start) in enumerate(draw(w, window_index=b, candidates=cand)):
-                    picks[i * K + j] = torch.tensor([b, j, t, start])
-        picks = picks.cuda()
-        if mpu.get_pipeline_model_parallel_world_size() > 1:
-            pp = mpu.get_pipeline_model_parallel_group()
-            dist.broadcast(picks, group=pp, group_src=dist.get_world_size(pp) - 1)
-        picks = _all_gather_rows(picks, dp).cpu().tolist()
-        chosen = {b * K + j: (t, start) for b, j, t, start in picks}
-        self.window_targets = {g // K: [chosen[(g // K) * K + j][0] for j in range(K)]
-                               for g in window_of}
-        return {g: chosen[g] for g in window_of}
-
-    def window_entropy(self, model, windows: list) -> torch.Tensor | None:
-        """[n, seq_length] next-token entropies (nats, T = 1) of θ — or of φ with
-        ``--rlp-entropy-model teacher`` — over ``windows`` (teacher-forced, one forward each);
-        entry j is the entropy of the distribution that predicts ``window[j + 1]``. Last
-        pipeline stage; None elsewhere."""
-        w = torch.as_tensor(np.stack(windows)).long()
-        S = w.shape[1] - 1
-        fields = dict(tokens=w[:, :-1].contiguous(), labels=w[:, 1:].contiguous(),
-                      position_ids=torch.arange(S)[None].expand(len(w), S).contiguous())
-        batches = _micro_batches(fields, self.micro_batch_size)
-        self.entropy_widths = [(len(b["tokens"]), S) for b in batches]
-        swap = (self.teacher.swapped_in() if self.cfg.entropy_model == "teacher"
-                else contextlib.nullcontext())
-        with swap:
-            out = _forward_only(model, batches, partial(_entropy_forward_step,
-                                                        vocab=self.vocab(model), step=self),
-                                S, self.micro_batch_size)
-        return torch.cat([o["entropy"] for o in out]).cpu() if out is not None else None
+    def positions(self, model, window_of: dict, iteration: int) -> positions_lib.Chosen:
+        """(t, context_start) of each group (:mod:`rlp_megatron.positions`)."""
+        return positions_lib.choose(self, model, window_of, iteration)
 
     @property
     def needs_teacher(self) -> bool:
@@ -275,7 +222,7 @@ class RLPStep:
         """Teacher-forced θ forward over the rows: S_pred (T = 1) and thought log-probs (T) into
         ``data.s_pred`` / ``data.old_logp``. Not part of the step (S_pred comes from the rollout,
         the old log-probs from the update): a check of the rollout's values, for diagnostics."""
-        out = _forward_only(model, _micro_batches(
+        out = forward_only(model, micro_batches(
             dict(tokens=data.tokens, position_ids=data.position_ids, labels=data.labels,
                  target_pos=data.target_pos), self.micro_batch_size),
             partial(_score_forward_step, temperature=self.cfg.temperature,
@@ -308,11 +255,11 @@ class RLPStep:
         batch = dict(tokens=rows.tokens, position_ids=rows.position_ids, labels=rows.labels,
                      target_pos=rows.target_pos)
         # Contexts of similar widths together, at most mbs each, each bucket at its own width.
-        batches = _micro_batches(batch, mbs, trim=True,
+        batches = micro_batches(batch, mbs, trim=True,
                                  sizes=_length_buckets([len(c) for c in contexts], mbs))
         data.teacher_widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in batches]
         with self.teacher.swapped_in():
-            out = _forward_only(model, batches,
+            out = forward_only(model, batches,
                                 partial(_score_forward_step, temperature=1.0, need_logp=False,
                                         vocab=self.vocab(model), step=self),
                                 data.teacher_length, mbs)
@@ -337,7 +284,7 @@ class RLPStep:
                              torch.tensor(r.groups, dtype=torch.float64),
                              self._rpt_rewards(data).double()], dim=1)
         local = local.reshape(-1, 7)  # no generated rows: [0, 7]
-        world = _all_gather_rows(local.cuda(), dp).cpu()  # [global rows, 7]
+        world = all_gather_rows(local.cuda(), dp).cpu()  # [global rows, 7]
         world = world[torch.argsort(world[:, 0])]
         G = self.cfg.group_size
         _check_whole_groups(world[:, 5].long(), G)
@@ -397,7 +344,7 @@ class RLPStep:
                           s_pred=data.s_pred)
         self._update_logp = []
         self._mismatch_max = None
-        batches = _micro_batches(fields, self.micro_batch_size, trim=True)
+        batches = micro_batches(fields, self.micro_batch_size, trim=True)
         data.update_widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in batches]
         ntp = self.ntp_batches(data)
         data.ntp_widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in ntp]
@@ -439,17 +386,17 @@ class RLPStep:
         self.ntp_fields = dict(tokens=tokens, labels=labels, loss_mask=loss_mask,
                                position_ids=torch.arange(S)[None].expand(len(firsts), S)
                                .contiguous())
-        return _micro_batches(self.ntp_fields, self.micro_batch_size) if len(firsts) else []
+        return micro_batches(self.ntp_fields, self.micro_batch_size) if len(firsts) else []
 
     def forward_step(self, data_iterator, model, return_schedule_plan: bool = False):
-        mb = _to_device(next(data_iterator))
+        mb = to_device(next(data_iterator))
         if "loss_mask" in mb:  # the NTP term's window: Megatron's own loss path
             output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"],
                            loss_mask=mb["loss_mask"])
             return output, partial(self.ntp_loss_func, mb)
         if self.fused:  # the model returns the labels' log-probs at T and S_pred (last stage)
             output = model(mb["tokens"], mb["position_ids"], None,
-                           **_processor(self.request(labels=mb["labels"],
+                           **processor(self.request(labels=mb["labels"],
                                                      target_pos=mb["target_pos"],
                                                      temperature=self.cfg.temperature)))
         else:
@@ -534,29 +481,6 @@ class RLPStep:
 # helpers
 
 
-def _to_device(mb: dict) -> dict:
-    return {k: v.cuda(non_blocking=True) for k, v in mb.items()}
-
-
-def _micro_batches(fields: dict, mbs: int, trim: bool = False,
-                   sizes: list[int] | None = None) -> list[dict]:
-    """Consecutive rows in micro-batches of ``mbs`` (or of ``sizes``); with ``trim``, each cut to
-    its own longest row (``target_pos`` + 1) instead of the step's."""
-    n, width = fields["tokens"].shape
-    if sizes is None:
-        sizes = [min(mbs, n - i) for i in range(0, n, mbs)]
-    out, i = [], 0
-    for size in sizes:
-        mb = {k: v[i : i + size] for k, v in fields.items()}
-        i += size
-        if trim:
-            w = int(mb["target_pos"].max()) + 1
-            mb = {k: v[:, :w] if v.dim() > 1 and v.shape[1] == width else v
-                  for k, v in mb.items()}
-        out.append(mb)
-    return out
-
-
 def _length_buckets(widths: list[int], max_rows: int, slack: float = 1 / 16) -> list[int]:
     """Sizes of consecutive buckets of ``widths`` (sorted ascending), each at most ``max_rows``
     rows, closed early when padding to the bucket's widest row would exceed ``slack`` of its
@@ -570,38 +494,16 @@ def _length_buckets(widths: list[int], max_rows: int, slack: float = 1 / 16) -> 
     return sizes + [n] if n else sizes
 
 
-@contextlib.contextmanager
-def variable_seq_lengths(model):
-    """Megatron's pipeline schedules exchange each micro-batch's shape before its activations
-    (``config.variable_seq_lengths``; Megatron's argument parser always sets it False, since NTP
-    windows have one length), so RLP's micro-batches, each cut to its own longest row, can differ
-    in width at PP > 1. Costs one small send per micro-batch and stage; NTP iterations
-    (``--rlp-ntp-every``) keep the fixed-shape path."""
-    from megatron.core.utils import get_model_config
-
-    config = get_model_config(model[0])
-    saved = config.variable_seq_lengths
-    config.variable_seq_lengths = True
-    try:
-        yield
-    finally:
-        config.variable_seq_lengths = saved
-
-
-def _processor(request: LogprobRequest) -> dict:
-    return dict(output_processor=rlp_output_processor, output_processor_context=request)
-
-
 def _score_forward_step(data_iterator, model, temperature, vocab, step: RLPStep,
                         need_logp=True):
     """S at T = 1 of each row's target (and the labels' log-probs at T): fused, the model returns
     them (see LogprobRequest); else they are computed from its logits."""
-    mb = _to_device(next(data_iterator))
+    mb = to_device(next(data_iterator))
     if step.fused:
         request = step.request(labels=mb["labels"] if need_logp else None,
                                target_pos=mb["target_pos"], temperature=temperature,
                                targets=None if need_logp else _target_labels(mb))
-        output = model(mb["tokens"], mb["position_ids"], None, **_processor(request))
+        output = model(mb["tokens"], mb["position_ids"], None, **processor(request))
 
         def split(output_tensor, non_loss_data=False):
             if not need_logp:
@@ -625,22 +527,6 @@ def _score_forward_step(data_iterator, model, temperature, vocab, step: RLPStep,
     return output, collect
 
 
-def _entropy_forward_step(data_iterator, model, vocab, step: RLPStep):
-    """Next-token entropies (T = 1) at every position of a window (position selection)."""
-    mb = _to_device(next(data_iterator))
-    if step.fused:
-        output = model(mb["tokens"], mb["position_ids"], None,
-                       **_processor(step.request(labels=mb["labels"], entropy=True)))
-        return output, lambda out, non_loss_data=False: {"entropy": out[..., 1].float()}
-    output = model(mb["tokens"], mb["position_ids"], None)
-
-    def collect(output_tensor, non_loss_data=False):
-        _, entropy = token_logprobs(output_tensor, mb["labels"], 1.0, vocab, entropy=True)
-        return {"entropy": entropy.float()}
-
-    return output, collect
-
-
 def _at_target(logits: torch.Tensor, mb: dict) -> torch.Tensor:
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits[rows, mb["target_pos"]]
@@ -649,16 +535,6 @@ def _at_target(logits: torch.Tensor, mb: dict) -> torch.Tensor:
 def _target_labels(mb: dict) -> torch.Tensor:
     rows = torch.arange(mb["labels"].shape[0], device=mb["labels"].device)
     return mb["labels"][rows, mb["target_pos"]]
-
-
-def _forward_only(model, batches, forward_step, seq_length, mbs):
-    """Megatron's schedule, forward only; returns per-micro-batch dicts on the last stage."""
-    with torch.no_grad(), variable_seq_lengths(model):
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=model,
-            num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=mbs,
-            forward_only=True, collect_non_loss_data=True)
-    return out if mpu.is_pipeline_last_stage() else None
 
 
 def _loader_src(group) -> int:
@@ -675,22 +551,6 @@ def _broadcast_from_loader_rank(tensor: torch.Tensor) -> None:
     if dist.get_world_size(group) == 1:
         return
     dist.broadcast(tensor, group=group, group_src=_loader_src(group))
-
-
-def _all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
-    """Concatenation of every rank's ``local`` [n_rank, k] (n_rank may differ, even be 0)."""
-    size = dist.get_world_size(group)
-    if size == 1:
-        return local
-    n = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
-    counts = [torch.empty_like(n) for _ in range(size)]
-    dist.all_gather(counts, n, group=group)
-    counts = [int(c) for c in counts]
-    padded = local.new_zeros((max(counts), *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
 def _check_whole_groups(groups: torch.Tensor, G: int) -> None:

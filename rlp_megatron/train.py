@@ -279,7 +279,7 @@ class Run:
             print_rank_0(f"rlp_megatron: WARNING: RLP checkpoint {where} has no EMA teacher "
                          f"sidecar ({teacher_lib.SIDECAR_DIR}/); starting φ ← θ from its weights")
         elif where:
-            print_rank_0(f"rlp_megatron: switching to RLP from the {_saved_objective(where)} "
+            print_rank_0(f"rlp_megatron: switching to RLP from the {_saved_objective(where).upper()} "
                          f"checkpoint {where}: EMA teacher starts as φ ← θ (the loaded weights)")
         self.rlp.teacher = EMATeacher(model, decay)
 
@@ -358,6 +358,7 @@ def _rlp_phases(run: Run, orig_train_step, data_iterator, model, optimizer, sche
         _dump_rollout(args.rlp_dump_rollouts, iteration + 1, data)
     thoughts, gen_tokens, flops = _step_totals(args, step, data, generated, data.update_widths)
     data.metrics.update({
+        "rlp/flops": flops,
         "rlp/thoughts_per_s": thoughts / (t1 - t0),
         "rlp/gen_tokens_per_s": gen_tokens / (t1 - t0),
         "rlp/time_rollout_s": t1 - t0,

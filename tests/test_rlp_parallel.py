@@ -22,8 +22,13 @@ from harness import (TINY_HYBRID, TRAIN_FLAGS, assert_same_gradients, decode_vs_
 G, ITERS, REAL_VOCAB = 4, 3, 120
 TIED_HYBRID = [f for f in TINY_HYBRID if f != "--untie-embeddings-and-output-weights"]
 TIED_HYBRID[TIED_HYBRID.index("--vocab-size") + 1] = str(REAL_VOCAB)
+# Positions by entropy and the NTP term (--rlp-ntp-weight) run here too: the entropy forward over
+# the windows, its positions sent from the last stage, and the NTP micro-batches (full windows,
+# next to the update's trimmed rows) through the pipeline schedule must give the same positions
+# and gradients at every layout. (The uniform positions are a pure function of the window.)
 RLP = ["--objective", "rlp", "--rlp-group-size", str(G), "--rlp-thought-length", "16",
-       "--rlp-context-length", "32", "--rlp-min-context", "4", "--train-iters", str(ITERS)]
+       "--rlp-context-length", "32", "--rlp-min-context", "4", "--train-iters", str(ITERS),
+       "--rlp-positions", "entropy", "--rlp-ntp-weight", "0.5"]
 LAYOUTS = {
     "tp1": (1, []),
     # TP=2 also decodes in rollout micro-batches of 2 rows (instead of all 4 at once): the
@@ -69,10 +74,12 @@ def runs(root):
 def _assert_same_run(ref, other, name):
     for a, b in zip(ref["rollouts"], other["rollouts"]):
         assert a["rows"] == b["rows"] and a["thoughts"] == b["thoughts"], name
+        assert a["positions"] == b["positions"], name
         for key in ("s_pred", "s_ema", "advantages"):
             assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (name, key)
     for a, b in zip(ref["metrics"], other["metrics"]):
-        for key in ("rlp/loss", "rlp/info_gain", "rlp/s_pred", "rlp/s_ema", "rlp/thought_len"):
+        for key in ("rlp/loss", "rlp/info_gain", "rlp/s_pred", "rlp/s_ema", "rlp/thought_len",
+                    "rlp/ntp_loss"):
             assert abs(a[key] - b[key]) <= 1e-5, (name, key, a[key], b[key])
     # Gradients of every step, compared in the global layout (Mamba's split in_proj included).
     # (Parameters after Adam steps are not compared: Adam's g/√v turns 1e-9 gradient noise on

@@ -86,7 +86,7 @@ def _record_positions(log: list) -> None:
                 naive[g] = -(p * torch.log(p)).sum(-1)  # [S]: entry j predicts w[j + 1]
         chosen = original(self, model, window_of, iteration)
         log.append({"iteration": iteration, "windows": windows, "naive_entropy": naive,
-                    "chosen": chosen})
+                    "chosen": chosen.by_group})
         return chosen
 
     step_lib.RLPStep.positions = positions

@@ -18,7 +18,8 @@ from megatron_setup import build_model
 from rlp_megatron import teacher
 from rlp_megatron.data import layout_rows
 from rlp_megatron.arguments import RLPConfig
-from rlp_megatron.step import RLPStep, _forward_only, _micro_batches, _score_forward_step
+from rlp_megatron.forward import forward_only, micro_batches
+from rlp_megatron.step import RLPStep, _score_forward_step
 
 
 def main():
@@ -33,8 +34,8 @@ def main():
     rows = layout_rows(contexts, [[] for _ in contexts], [True] * len(contexts), targets,
                        think_close=0, seq_length=args.seq_length)
     mbs = 1
-    batch = _micro_batches(dict(tokens=rows.tokens, position_ids=rows.position_ids,
-                                labels=rows.labels, target_pos=rows.target_pos), mbs)
+    batch = micro_batches(dict(tokens=rows.tokens, position_ids=rows.position_ids,
+                               labels=rows.labels, target_pos=rows.target_pos), mbs)
     from megatron.training import get_tokenizer
 
     step = RLPStep(RLPConfig(), think=None, prompt_prefix=[], eod=0, seq_length=args.seq_length,
@@ -42,7 +43,7 @@ def main():
                    vocab_size=int(get_tokenizer().vocab_size))
     forward_step = partial(_score_forward_step, temperature=1.0, need_logp=False,
                            vocab=step.vocab(model), step=step)
-    score = lambda: _forward_only(model, batch, forward_step, args.seq_length, mbs)
+    score = lambda: forward_only(model, batch, forward_step, args.seq_length, mbs)
     if which == "ema":
         ema = teacher.load_sidecar(model, iter_dir, decay=0.999)
         with ema.swapped_in():
