@@ -1,4 +1,4 @@
-"""launch/slurm.sbatch on a real SLURM: a one-node cluster (slurmctld, slurmd, munge) started on
+"""launch/rlp.sbatch on a real SLURM: a one-node cluster (slurmctld, slurmd, munge) started on
 this machine by tools/local_slurm.sh, which installs Debian's packages if they are missing.
 
 If the machine cannot run SLURM the fixture fails (no skip): the launch script is what users run
@@ -36,7 +36,7 @@ def cluster(tmp_path_factory):
 def _sbatch(cluster, out, flags) -> str:
     d, env = cluster
     proc = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0",
-                           f"--output={out}", "launch/slurm.sbatch", *TINY_GPT, *TRAIN_FLAGS,
+                           f"--output={out}", "launch/rlp.sbatch", *TINY_GPT, *TRAIN_FLAGS,
                            *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real one-node SLURM cluster on this machine (slurmctld + slurmd + munge), for the launch tests
-# and for trying launch/slurm.sbatch locally. Debian 12's SLURM 22.05; no systemd, no cgroups.
+# and for trying launch/rlp.sbatch locally. Debian 12's SLURM 22.05; no systemd, no cgroups.
 #
 #   tools/local_slurm.sh start DIR   # install the packages if missing (needs root and apt),
 #                                    # write DIR/slurm.conf, start the daemons, wait for an idle node
