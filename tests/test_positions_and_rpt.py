@@ -7,7 +7,8 @@ Four short runs of the tiny GPT (mock data, CPU/gloo):
   enough to give the advantages something to rank); TP = 2 runs Megatron's output layer
   (``--rlp-logprobs logits``), TP = 1 the fused kernels.
 * ``ntp_tp1`` / ``ntp0_tp1``: RLP with the curriculum (φ's entropies, the band from the easiest
-  positions at iteration 1 to the hardest at iteration 2), K = 2, with λ = 0.5 and λ = 0.
+  positions at iteration 1 to the hardest at iteration 2), K = 2, with λ = 0.5 and λ = 0;
+  ``ntp_dp2``: the first at DP = 2.
 The worker (tests/workers/rlp_run.py) records, before each step chooses positions, the naive
 entropies of every window from Megatron's own logits (all TP shards gathered, fp64 softmax), and
 the NTP term's gradient computed on its own (Megatron's forward with labels over the same windows
@@ -41,6 +42,9 @@ RUNS = {
                     "--record-positions", "--record-ntp-gradient"]),
     "ntp0_tp1": (1, [*CURRICULUM, "--rlp-ntp-weight", "0", "--train-iters", "1",
                      "--record-ntp-gradient"]),
+    # DP = 2: each window's groups sit on both ranks; one rank scores it and trains its NTP term
+    "ntp_dp2": (2, [*CURRICULUM, "--rlp-ntp-weight", "0.5", "--train-iters", "2",
+                    "--record-positions", "--record-ntp-gradient"]),
 }
 
 
@@ -192,3 +196,23 @@ def test_ntp_weight_adds_lambda_times_the_ntp_gradient_of_the_same_batch(runs):
     flops_without, _ = without["flops"][0]
     windows = 16 // (G * K)
     assert flops_with - flops_without == pytest.approx(3 * windows * per_seq[64], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_dp2_scores_each_window_once_and_equals_dp1(runs):
+    """At DP = 2 the groups of a window sit on both ranks (micro-batch 2 of a K·G = 8 block): the
+    owner of its first group scores it, draws its positions and trains its NTP term; positions,
+    rewards, the NTP loss and the step's gradient equal DP = 1."""
+    one, two = runs["ntp_tp1"], runs["ntp_dp2"]
+    for rec_one, rec_two in zip(one["snaps"]["positions"], two["snaps"]["positions"]):
+        assert rec_two["chosen"] and all(rec_one["chosen"][g] == tp for g, tp in
+                                         rec_two["chosen"].items())
+    for a, b in zip(one["metrics"], two["metrics"]):
+        # (not rlp/flops: each rank cuts its micro-batches to its own rows, so the padding run
+        # differs by layout)
+        for key in ("rlp/info_gain", "rlp/s_pred", "rlp/s_ema", "rlp/ntp_loss", "rlp/loss"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    for ga, gb in zip(one["snaps"]["step_grads"], two["snaps"]["step_grads"]):
+        worst = max((ga[k] - gb[k]).abs().max().item() for k in ga)
+        assert worst <= 1e-6, worst
+

@@ -105,7 +105,7 @@ def _record_ntp_gradient(log: list) -> None:
         batches = original(self, data, num_microbatches)
         model = self._model_for_test
         f = self.ntp_fields
-        if f is None:  # --rlp-ntp-weight 0
+        if f is None or not len(f["tokens"]):  # --rlp-ntp-weight 0, or no window here
             return batches
         for chunk in model:
             chunk.zero_grad_buffer()
