@@ -149,6 +149,13 @@ def add_rlp_args(parser):
                    help="Add LAMBDA × Megatron's next-token loss over each window's tokens "
                         "that are not a selected position (Reinforcement Mid-Training); "
                         "0 = the paper (no NTP term).")
+    g.add_argument("--rlp-eval-interval", type=int, default=0, metavar="N",
+                   help="Every N iterations (RLP and NTP runs), measure θ and φ on fixed "
+                        "held-out positions of the validation split: rlp_eval/info_gain, "
+                        "reasoned_nll, nothink_nll, thought_len, closed_frac (0 = off).")
+    g.add_argument("--rlp-eval-positions", type=int, default=8, metavar="K",
+                   help="Held-out positions per evaluation (the first K validation samples, "
+                        "one position each, --rlp-group-size thoughts per position).")
     g.add_argument("--rlp-ntp-every", type=int, default=0, metavar="K",
                    help="In an RLP run, make every K-th iteration a next-token-prediction "
                         "iteration (0 = never). Each objective logs under its own keys.")
@@ -200,10 +207,14 @@ def validate_rlp_args(args) -> None:
     if args.rlp_rollout_micro_batch_size < 0:
         _fail("--rlp-rollout-micro-batch-size must be >= 0 (0 = all rows at once)")
     _check_position_args(args)
-    if args.objective == "ntp":
+    if args.rlp_eval_interval < 0 or args.rlp_eval_positions < 1:
+        _fail(f"--rlp-eval-interval must be >= 0 and --rlp-eval-positions >= 1 (got "
+              f"{args.rlp_eval_interval}, {args.rlp_eval_positions})")
+    training = args.objective != "ntp"  # else only the in-loop evaluation samples thoughts
+    if not training and not args.rlp_eval_interval:
         return
     block = args.rlp_group_size * args.rlp_positions_per_doc
-    if args.global_batch_size % block != 0:
+    if training and args.global_batch_size % block != 0:
         per_doc = (f" × --rlp-positions-per-doc ({args.rlp_positions_per_doc})"
                    if args.rlp_positions_per_doc > 1 else "")
         _fail(f"--global-batch-size ({args.global_batch_size}) must be a multiple of "
@@ -229,7 +240,8 @@ def validate_rlp_args(args) -> None:
               f"({args.rlp_thought_length}) + 2 delimiters + target"
               f"{f' + {prompt_len} prompt tokens' if prompt_len else ''} = {need - 1} exceeds "
               f"--seq-length/--max-position-embeddings ({limit}); lower them or raise --seq-length")
-    _check_groups_stay_whole(args)
+    if training:
+        _check_groups_stay_whole(args)
     _check_unsupported_features(args)
     for flag, name in (("context_parallel_size", "--context-parallel-size"),):
         if getattr(args, flag, 1) > 1:

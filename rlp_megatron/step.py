@@ -31,6 +31,7 @@ Choices (the paper leaves them open; rlp_spec §7):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from functools import partial
 
@@ -173,26 +174,14 @@ class RLPStep:
     # Phase 2: rollout
 
     def rollout(self, model, work, iteration: int, owner: dict | None = None
-                ) -> tuple[rollout_lib.Rollout,
-                                                            rollout_lib.Rollout]:
+                ) -> tuple[rollout_lib.Rollout, rollout_lib.Rollout]:
         """Thoughts for the groups this rank owns (each group generated once over the DP ranks,
         :mod:`rlp_megatron.rollout.placement`), then for this rank's rows, in ``work`` order.
         Returns (generated, this rank's rows)."""
-        chunk = model[0]
-        cfg = rollout_lib.RolloutConfig(
-            thought_length=self.cfg.thought_length, temperature=self.cfg.temperature,
-            seed=self.cfg.seed, think=self.think,
-            micro_batch_size=self.cfg.rollout_micro_batch_size, fused_logprobs=self.fused,
-            predict_tokens=self.cfg.rpt_match_tokens if self.cfg.objective == "rpt" else 0)
-        pipeline = None
-        if mpu.get_pipeline_model_parallel_world_size() > 1:
-            config = chunk.config if hasattr(chunk, "config") else chunk.module.config
-            pipeline = rollout_lib.inference.Pipeline(config.hidden_size, config.params_dtype)
         dp_group = mpu.get_data_parallel_group()
         owned = placement.own_groups(work, self.cfg.group_size, dp_group, owner)
-        generated = rollout_lib.generate(chunk, owned, cfg, iteration, self.vocab(model),
-                                         tp_group=mpu.get_tensor_model_parallel_group(),
-                                         pipeline=pipeline)
+        generated = self.generate(model, owned, iteration,
+                                  self.cfg.rpt_match_tokens if self.cfg.objective == "rpt" else 0)
         mine = placement.exchange(generated, [row for _, rows in work for row in rows], dp_group)
         # The update's rows shortest first, so that micro-batches hold rows of similar widths.
         prompt = {s.group: len(s.prompt) for s, _ in work}
@@ -200,6 +189,23 @@ class RLPStep:
                  for g, t, c in zip(mine.groups, mine.thoughts, mine.closed)]
         order = sorted(range(len(width)), key=lambda i: width[i])
         return generated, mine.select([mine.rows[i] for i in order])
+
+    def generate(self, model, work, iteration: int, predict_tokens: int = 0
+                 ) -> rollout_lib.Rollout:
+        """The thoughts of every (sample, rows) of ``work`` on this model replica."""
+        chunk = model[0]
+        cfg = rollout_lib.RolloutConfig(
+            thought_length=self.cfg.thought_length, temperature=self.cfg.temperature,
+            seed=self.cfg.seed, think=self.think,
+            micro_batch_size=self.cfg.rollout_micro_batch_size, fused_logprobs=self.fused,
+            predict_tokens=predict_tokens)
+        pipeline = None
+        if mpu.get_pipeline_model_parallel_world_size() > 1:
+            config = chunk.config if hasattr(chunk, "config") else chunk.module.config
+            pipeline = rollout_lib.inference.Pipeline(config.hidden_size, config.params_dtype)
+        return rollout_lib.generate(chunk, work, cfg, iteration, self.vocab(model),
+                                    tp_group=mpu.get_tensor_model_parallel_group(),
+                                    pipeline=pipeline)
 
     # -----------------------------------------------------------------------------------------
     # Phase 3: rows for the update, and the teacher (φ: S_EMA)
@@ -245,28 +251,39 @@ class RLPStep:
         if not groups:  # every stage of this DP replica owns nothing this step
             data.s_ema_generated = torch.zeros(0)
             return
-        contexts = [data.samples[g].context for g in groups]
-        rows = layout_rows(prompts=contexts, thoughts=[[] for _ in groups],
-                           closed=[True] * len(groups),
-                           targets=[data.samples[g].target for g in groups],
+        scores, data.teacher_widths = self.score_contexts(model, [data.samples[g] for g in groups],
+                                                          teacher=True)
+        data.teacher_length = max(w for _, w in data.teacher_widths)
+        if scores is not None:
+            by_group = dict(zip(groups, scores.tolist()))
+            data.s_ema_generated = torch.tensor([by_group[g] for g in data.generated.groups])
+
+    def score_contexts(self, model, samples: list[RLPSample], teacher: bool
+                       ) -> tuple[torch.Tensor | None, list]:
+        """log p(x_t | context) at T = 1 of each sample, without prompt or thought — of φ
+        (``teacher``, swapped into the model) or of θ; last pipeline stage, else None; and the
+        (rows, width) of each micro-batch. ``samples`` sorted by context length keep the
+        micro-batches' padding small."""
+        contexts = [s.context for s in samples]
+        rows = layout_rows(prompts=contexts, thoughts=[[] for _ in samples],
+                           closed=[True] * len(samples), targets=[s.target for s in samples],
                            think_close=self.think.close, seq_length=self.seq_length, trim=True)
-        data.teacher_length = rows.tokens.shape[1]
         mbs = self.micro_batch_size
         batch = dict(tokens=rows.tokens, position_ids=rows.position_ids, labels=rows.labels,
                      target_pos=rows.target_pos)
         # Contexts of similar widths together, at most mbs each, each bucket at its own width.
         batches = micro_batches(batch, mbs, trim=True,
-                                 sizes=_length_buckets([len(c) for c in contexts], mbs))
-        data.teacher_widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in batches]
-        with self.teacher.swapped_in():
+                                sizes=_length_buckets([len(c) for c in contexts], mbs))
+        widths = [(len(b["tokens"]), b["tokens"].shape[1]) for b in batches]
+        swap = self.teacher.swapped_in() if teacher else contextlib.nullcontext()
+        with swap:
             out = forward_only(model, batches,
-                                partial(_score_forward_step, temperature=1.0, need_logp=False,
-                                        vocab=self.vocab(model), step=self),
-                                data.teacher_length, mbs)
-        if out is not None:
-            s_ema_group = torch.cat([o["s_target"] for o in out]).cpu()[: len(groups)]
-            by_group = dict(zip(groups, s_ema_group.tolist()))
-            data.s_ema_generated = torch.tensor([by_group[g] for g in data.generated.groups])
+                               partial(_score_forward_step, temperature=1.0, need_logp=False,
+                                       vocab=self.vocab(model), step=self),
+                               rows.tokens.shape[1], mbs)
+        if out is None:
+            return None, widths
+        return torch.cat([o["s_target"] for o in out]).cpu()[: len(samples)], widths
 
     # -----------------------------------------------------------------------------------------
     # Phase 4: rewards and group-relative advantages (last pipeline stage)

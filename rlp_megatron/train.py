@@ -73,7 +73,7 @@ from megatron.training.global_vars import get_tokenizer
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
 from rlp_megatron import arguments as rlp_arguments
-from rlp_megatron import faults, megatron_fixes, storage
+from rlp_megatron import evaluation, faults, megatron_fixes, storage
 from rlp_megatron import teacher as teacher_lib
 from rlp_megatron.backends import cpu as cpu_backend
 from rlp_megatron.data import (RLPDataset, check_indexed_dataset, load_prompt_tokens,
@@ -145,6 +145,10 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     if not args.mock_data:
         _check_data_files(args)
     print_rank_0("> building train, validation, and test datasets ...")
+    if args.rlp_eval_interval:  # the held-out positions come from the validation split
+        train_val_test_num_samples = list(train_val_test_num_samples)
+        train_val_test_num_samples[1] = max(train_val_test_num_samples[1] or 0,
+                                            args.rlp_eval_positions)
     train, valid, test = BlendedMegatronDatasetBuilder(
         dataset_type,
         train_val_test_num_samples,
@@ -153,6 +157,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     ).build()
     if args.objective != "ntp" and train is not None:
         train = RLPDataset(train, args.rlp_group_size, args.rlp_positions_per_doc)
+    if _RUN is not None:
+        _RUN.eval_dataset = valid
     return train, valid, test
 
 
@@ -233,7 +239,8 @@ class Run:
         self.skipped_steps = 0  # RLP steps skipped for non-finite rewards (rlp/skipped_steps)
         self.consecutive_skips = 0
         self.metrics_file = args.rlp_metrics_file
-        if args.objective != "ntp":  # rlp, rpt
+        self.eval_dataset = None  # Megatron's validation split (rlp_megatron.evaluation)
+        if args.objective != "ntp" or args.rlp_eval_interval:  # rlp, rpt, or evaluations
             tokenizer = get_tokenizer()
             self.rlp = RLPStep(
                 rlp_arguments.RLPConfig.from_args(args),
@@ -518,6 +525,9 @@ def _train_step(forward_step_func, data_iterator, model, optimizer, opt_param_sc
     if teacher is not None and not skipped_iter:
         sync_params(model, optimizer, args)
         teacher.update()
+    if args.rlp_eval_interval and (iteration + 1) % args.rlp_eval_interval == 0:
+        scores = evaluation.evaluate(run.rlp, model, run.eval_dataset, args.rlp_eval_positions)
+        extra = {**extra, **(scores or {})}
     if loss_reduced or mpu.is_pipeline_last_stage():
         loss_reduced = dict(loss_reduced)
         loss_reduced.update({k: torch.tensor(v).cuda() for k, v in extra.items()})

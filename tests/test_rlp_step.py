@@ -22,6 +22,8 @@ RLP_FLAGS = [
     "--objective", "rlp", "--rlp-group-size", str(G), "--rlp-thought-length", str(THOUGHT),
     "--rlp-context-length", "32", "--rlp-min-context", "4", "--rlp-ema-decay", str(TAU),
     "--train-iters", str(ITERS),
+    # the in-loop evaluation after iteration 2 (then iteration 3 trains as if it had not run)
+    "--rlp-eval-interval", "2", "--rlp-eval-positions", "3",
 ]
 # TP=2 also runs the log-probs through Megatron's output layer (--rlp-logprobs logits) while TP=1
 # uses the fused kernels (the default): each claim below then also says "fused ≡ logits".
@@ -280,3 +282,24 @@ def test_ema_reads_updated_parameters_with_overlapped_param_gather(tmp_path):
             expected = objective.ema_closed_form(theta[0][name], [theta[1][name], theta[2][name]],
                                                  TAU)
             assert torch.allclose(phi2, expected, atol=1e-6, rtol=0), (rank, name)
+
+
+@pytest.mark.slow
+def test_in_loop_evaluation_is_the_same_at_tp1_tp2_and_dp2(runs):
+    """rlp_eval/* after iteration 2: 3 held-out validation positions × G thoughts, at TP=1
+    (fused kernels), TP=2 (Megatron's output layer) and DP=2 (positions split over the ranks)."""
+    evals = {name: [m for m in r["metrics"] if "rlp_eval/info_gain" in m]
+             for name, r in runs.items()}
+    assert [m["iteration"] for m in evals["tp1"]] == [2]
+    ref = evals["tp1"][0]
+    assert ref["rlp_eval/reasoned_nll"] > 0 and ref["rlp_eval/nothink_nll"] > 0
+    assert 0 < ref["rlp_eval/thought_len"] <= 16 and 0 <= ref["rlp_eval/closed_frac"] <= 1
+    assert abs(ref["rlp_eval/info_gain"] - (ref["rlp_eval/nothink_nll"]
+                                             - ref["rlp_eval/reasoned_nll"])) < 0.5  # φ ≈ θ
+    for name in ("tp2", "dp2"):
+        other = evals[name][0]
+        for key in ("info_gain", "reasoned_nll", "nothink_nll", "thought_len", "closed_frac"):
+            assert abs(ref[f"rlp_eval/{key}"] - other[f"rlp_eval/{key}"]) <= 1e-5, (name, key)
+    line = [l for l in runs["tp2"]["stdout"].splitlines() if " iteration        2/" in l][0]
+    assert "rlp_eval/info_gain" in line  # Megatron's console line carries them
+
