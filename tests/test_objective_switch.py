@@ -37,21 +37,32 @@ def _pairs_from_dump(dump, path):
 
 @pytest.mark.slow
 def test_ntp_to_rlp_to_ntp_on_one_checkpoint_directory(tmp_path):
-    _train(1, tmp_path, "--objective", "ntp", "--train-iters", "4", "--save-interval", "4")
+    # The in-loop evaluation every 2 iterations in every phase: one curve across the switches.
+    evals = [*RLP, "--rlp-eval-interval", "2", "--rlp-eval-positions", "2"]
+    _train(1, tmp_path, "--objective", "ntp", "--train-iters", "4", "--save-interval", "4",
+           *evals)
     # RLP at its own learning rate, keeping the NTP run's Adam state (--override-opt-param-scheduler
     # is in BASE): Megatron alone refuses to match the optimizer's param groups when --lr changes.
-    proc = _train(1, tmp_path, "--objective", "rlp", *RLP, "--train-iters", "6",
+    proc = _train(1, tmp_path, "--objective", "rlp", *evals, "--train-iters", "6",
                   "--lr", "1e-4", "--min-lr", "1e-4",
                   "--save-interval", "6", "--rlp-dump-rollouts", str(tmp_path / "rollouts"))
     assert "switching to RLP from the NTP checkpoint" in proc.stdout
     lines = [l for l in proc.stdout.splitlines() if " iteration " in l and "rlp/" in l]
     assert len(lines) == 2 and all("learning rate: 1.000000E-04" in l for l in lines)
-    back = _train(1, tmp_path, "--objective", "ntp", "--train-iters", "8", "--save-interval", "8")
+    back = _train(1, tmp_path, "--objective", "ntp", "--train-iters", "8", "--save-interval", "8",
+                  *evals)
     lines = [l for l in back.stdout.splitlines() if " iteration " in l and "lm loss" in l]
     assert len(lines) == 2 and all("learning rate: 1.000000E-03" in l for l in lines)
     metrics = read_jsonl(tmp_path / "metrics.jsonl")
     assert [(m["iteration"], m["objective"]) for m in metrics] == [
         (1, "ntp"), (2, "ntp"), (3, "ntp"), (4, "ntp"), (5, "rlp"), (6, "rlp"), (7, "ntp"), (8, "ntp")]
+    curve = {m["iteration"]: m for m in metrics if "rlp_eval/info_gain" in m}
+    assert sorted(curve) == [2, 4, 6, 8]
+    for it in (2, 4, 8):  # NTP runs hold no teacher: φ is θ, the gain is θ's own
+        m = curve[it]
+        assert abs(m["rlp_eval/info_gain"]
+                   - (m["rlp_eval/nothink_nll"] - m["rlp_eval/reasoned_nll"])) < 1e-5, m
+    assert len({round(curve[it]["rlp_eval/nothink_nll"], 6) for it in curve}) == 4  # θ moves
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "iter_0000006" / "rlp_ema" / "rlp_ema_complete.json").exists()
     assert not (ckpt / "iter_0000004" / "rlp_ema").exists()  # NTP checkpoints carry no teacher
