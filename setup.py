@@ -22,7 +22,8 @@ setup(
         # GPU kernels; Megatron-Core falls back to (slower) paths without them. Never list PyPI's
         # `apex`: it is an unrelated web toolkit (NVIDIA apex comes from the NGC container).
         "gpu": ["transformer-engine[pytorch]", "mamba-ssm", "causal-conv1d"],
-        "test": ["pytest", "tensorboard"],
+        "test": ["pytest", "tensorboard", "matplotlib"],
+        "plot": ["matplotlib"],  # python -m rlp_megatron.plot
     },
     entry_points={"console_scripts": ["rlp-pretrain=rlp_megatron.train:main"]},
 )
