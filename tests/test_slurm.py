@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from harness import REPO, TINY_GPT, TRAIN_FLAGS, load_plain  # noqa: F401  (load_plain: dist init)
+from harness import REPO, TINY_GPT, TRAIN_FLAGS, free_port, load_plain  # noqa: F401
 
 RLP = ["--objective", "rlp", "--rlp-group-size", "2", "--rlp-thought-length", "8",
        "--rlp-context-length", "32", "--rlp-min-context", "4", "--ckpt-format", "torch_dist"]
@@ -35,6 +35,9 @@ def cluster(tmp_path_factory):
 
 def _sbatch(cluster, out, flags) -> str:
     d, env = cluster
+    # A free port, not the script's default (20000 + job id: a fresh cluster's job ids start at 1,
+    # and CI found port 20001 taken)
+    env = {**env, "MASTER_PORT": str(free_port())}
     proc = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0",
                            f"--output={out}", "launch/rlp.sbatch", *TINY_GPT, *TRAIN_FLAGS,
                            *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
