@@ -140,6 +140,84 @@ def test_think_tokens_from_a_real_sentencepiece_tokenizer(tmp_path):
         resolve_think_tokens(SentencePieceTokenizer(str(plain)), None)
 
 
+def test_make_tiny_corpus_thought_spans_never_see_the_next_token():
+    """The demo's NTP corpus teaches the thought format with recall spans; a span before x_t must
+    be a function of x_<t only (else NTP would teach pasting the answer into the thought)."""
+    import random
+    import sys
+
+    sys.path.insert(0, str(__import__("harness").REPO / "tools"))
+    import make_tiny_corpus as mtc
+
+    rng = random.Random(0)
+    for _ in range(200):
+        tokens = [rng.randrange(6) for _ in range(rng.randrange(2, 40))]
+        t = rng.randrange(1, len(tokens))
+        seed = rng.random()
+        r = mtc.recall(tokens, t, 8, 3, random.Random(seed))
+        changed = tokens[:t] + [t + 100] + tokens[t + 1:]
+        assert mtc.recall(changed, t, 8, 3, random.Random(seed)) == r
+        assert len(r) <= 3 and 100 + t not in mtc.recall(changed, t, 8, 3, random.Random(seed))
+        if r:  # the tokens after an occurrence of x_{t-1} within the last 8
+            starts = [j + 1 for j in range(max(0, t - 8), t - 1) if tokens[j] == tokens[t - 1]]
+            assert any(tokens[j:j + len(r)] == r for j in starts)
+    stats = {"spans": 0, "recalls": 0, "recall_hits": 0}
+    doc = [rng.randrange(2, 6) for _ in range(300)]
+    out = mtc.with_thoughts(doc, rate=0.2, context=8, m=3, open_id=0, close_id=1,
+                            rng=random.Random(1), stats=stats)
+    assert _strip_spans(out, 0, 1) == doc and out.count(0) == out.count(1) == stats["spans"] > 30
+
+
+def _strip_spans(tokens, open_id, close_id):
+    """``tokens`` without its whole ``open … close`` spans."""
+    kept, inside = [], False
+    for x in tokens:
+        inside = (inside or x == open_id) and x != close_id
+        if not inside and x != close_id:
+            kept.append(x)
+    return kept
+
+
+def test_make_tiny_corpus_held_out_split_and_datasets(tmp_path):
+    """--source DIR: documents split into disjoint train/valid; the tokenizer knows the thought
+    tokens as single pieces; the think corpus is the train corpus plus whole spans."""
+    import json
+    import subprocess
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.tokenizers.text.libraries.sentencepiece_tokenizer import (
+        SentencePieceTokenizer)
+
+    repo = __import__("harness").REPO
+    sys.path.insert(0, str(repo / "tools"))
+    import make_tiny_corpus as mtc
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, doc in enumerate(mtc.documents()[:120]):
+        (src / f"{i:03d}.txt").write_text(f"Document {i}. {doc}")  # no duplicates
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(repo / "tools/make_tiny_corpus.py"), str(out),
+                    "--source", str(src), "--vocab-size", "300", "--valid-fraction", "0.1"],
+                   check=True, capture_output=True)
+    counts = json.loads((out / "corpus.json").read_text())
+    assert (counts["train_documents"], counts["valid_documents"]) == (108, 12)
+    data = {n: IndexedDataset(str(out / f"{n}_text_document"))
+            for n in ("corpus", "train", "valid", "train_think")}
+    docs = {n: [tuple(d[i].tolist()) for i in range(len(d))] for n, d in data.items()}
+    assert not set(docs["train"]) & set(docs["valid"])
+    assert sorted(docs["train"] + docs["valid"]) == sorted(docs["corpus"])
+    tok = SentencePieceTokenizer(str(out / "tokenizer.model"))
+    think = resolve_think_tokens(tok, None)
+    spans = 0
+    for plain, thinking in zip(docs["train"], docs["train_think"]):
+        spans += thinking.count(think.open)
+        assert thinking.count(think.open) == thinking.count(think.close)
+        assert tuple(_strip_spans(thinking, think.open, think.close)) == plain
+    assert spans == counts["think_spans"] > 0
+
+
 def test_think_tokens_must_be_ids_of_the_vocabulary():
     """NullTokenizer "tokenizes" any integer text to that integer: an id past the vocabulary
     (or negative) would otherwise reach the embedding lookup mid-rollout."""

@@ -184,8 +184,8 @@ def with_thoughts(tokens: list[int], *, rate: float, context: int, m: int, open_
 
 def write_indexed_dataset(docs, tokenizer_path: Path, prefix: Path, transform=None,
                           desc: str | None = None) -> int:
-    """Megatron's .bin/.idx pair of the tokenized documents (``transform`` maps a document's ids
-    before the end-of-document token is appended); returns the number of tokens."""
+    """Megatron's .bin/.idx pair of the tokenized documents (``transform(i, ids)`` maps document
+    i's ids before the end-of-document token is appended); returns the number of tokens."""
     import sentencepiece as spm
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -194,10 +194,10 @@ def write_indexed_dataset(docs, tokenizer_path: Path, prefix: Path, transform=No
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
     n = 0
     items = progress(docs, len(docs), desc) if desc else docs
-    for doc in items:
+    for i, doc in enumerate(items):
         ids = sp.encode(doc)
         if transform is not None:
-            ids = transform(ids)
+            ids = transform(i, ids)
         ids = ids + [sp.eos_id()]  # Megatron's end-of-document token
         n += len(ids)
         builder.add_item(torch.tensor(ids, dtype=torch.int32))
@@ -256,10 +256,8 @@ def main(argv=None):
         rng = random.Random(args.seed)
         stats = {"spans": 0, "recalls": 0, "recall_hits": 0}
         thinking = set(rng.sample(range(len(train)), round(args.think_fraction * len(train))))
-        it = iter(range(len(train)))
 
-        def transform(ids):
-            i = next(it)
+        def transform(i, ids):
             if i not in thinking:
                 return ids
             return with_thoughts(ids, rate=args.think_rate, context=args.think_context,
