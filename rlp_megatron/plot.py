@@ -7,7 +7,9 @@ objectives; a directory means its ``metrics.jsonl``) and writes one PNG (default
 metrics, ``rlp_curves.png``) with: the training reward (``rlp/info_gain``, or RPT's
 ``rlp/reward``), thought length, closed fraction, the losses (NTP's ``lm loss``, the RLP
 surrogate, ``rlp/ntp_loss``), and the in-loop evaluation (``rlp_eval/*``: held-out information
-gain, reasoned and no-think NLL); RLP/RPT iterations are shaded, so the switch is visible. Prints
+gain, reasoned and no-think NLL); RLP/RPT iterations are shaded, so the switch is visible. A
+per-iteration series longer than 2 × ``SMOOTH`` points is drawn faintly under its trailing mean
+of ``SMOOTH`` iterations (one iteration's reward is a handful of contexts: noise). Prints
 the before/after table of the held-out evaluation: the last evaluation before the first RLP/RPT
 iteration against the last one of the RLP/RPT iterations.
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+SMOOTH = 20  # iterations in the trailing mean drawn over a long per-iteration series
 EVAL_KEYS = ("info_gain", "reasoned_nll", "nothink_nll", "thought_len", "closed_frac")
 
 
@@ -67,6 +70,10 @@ def plot(records: list[dict], out) -> Path:
         pts = [(r["iteration"], r[key]) for r in records if key in r]
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    def trailing_mean(y, n=SMOOTH):
+        return [sum(y[max(0, i - n + 1):i + 1]) / len(y[max(0, i - n + 1):i + 1])
+                for i in range(len(y))]
+
     panels = [
         ("training reward", [("rlp/info_gain", "info gain S_pred − S_EMA"),
                              ("rlp/reward", "RPT match rate")]),
@@ -83,7 +90,11 @@ def plot(records: list[dict], out) -> Path:
     for ax, (title, keys) in zip(axes.flat, panels):
         for key, label in keys:
             x, y = series(key)
-            if x:
+            if len(x) > 2 * SMOOTH:  # per-iteration training values: noisy, drawn faintly
+                line, = ax.plot(x, y, alpha=0.3, lw=0.8)
+                ax.plot(x, trailing_mean(y), color=line.get_color(),
+                        label=f"{label} (mean of {SMOOTH})")
+            elif x:
                 ax.plot(x, y, marker="o", markersize=3, label=label)
         for it in rl:  # RLP/RPT iterations shaded
             ax.axvspan(it - 0.5, it + 0.5, color="tab:orange", alpha=0.12, lw=0)

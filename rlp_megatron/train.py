@@ -543,6 +543,7 @@ def _num_floating_point_operations(args, batch_size, *a, **kw):
 
 
 _CONSOLE_SUMS: dict[str, list] = {}  # key -> [sum, iterations that logged it]
+_CONSOLE_KEYS: set[str] = set()  # every key logged so far (Megatron keeps printing them all)
 
 
 def _training_log(loss_dict, total_loss_dict, *args, **kwargs):
@@ -554,6 +555,8 @@ def _training_log(loss_dict, total_loss_dict, *args, **kwargs):
       ``lm loss`` each appear in only some of them.
     * Negative averages (log-probs such as ``rlp/s_pred``) are printed too; Megatron prints only
       non-negative ones.
+    * A key that no iteration of the interval logged is left out; Megatron prints it as 0 (the
+      ``rlp_eval/*`` of the iterations between two evaluations).
     The sums reset when Megatron resets its own (after each printed line but the first)."""
     margs = get_args()
     iteration = kwargs["iteration"] if "iteration" in kwargs else args[1]
@@ -564,6 +567,7 @@ def _training_log(loss_dict, total_loss_dict, *args, **kwargs):
             acc = _CONSOLE_SUMS.setdefault(key, [0.0, 0])
             acc[0] += float(value)
             acc[1] += 1
+            _CONSOLE_KEYS.add(key)
     if not (iteration % margs.log_interval == 0 or is_first):
         return _ORIG_TRAINING_LOG(loss_dict, total_loss_dict, *args, **kwargs)
     averages = {k: total / n for k, (total, n) in _CONSOLE_SUMS.items() if n}
@@ -571,7 +575,7 @@ def _training_log(loss_dict, total_loss_dict, *args, **kwargs):
 
     def print_rank_last(message):
         if " iteration " in message and " loss scale:" in message:
-            message = _console_line(message, averages)
+            message = _console_line(message, averages, _CONSOLE_KEYS - set(averages))
         orig_print(message)
 
     mt_training.print_rank_last = print_rank_last
@@ -583,8 +587,11 @@ def _training_log(loss_dict, total_loss_dict, *args, **kwargs):
             _CONSOLE_SUMS.clear()
 
 
-def _console_line(message: str, averages: dict[str, float]) -> str:
-    """Megatron's iteration line with ``key: value |`` set to ``averages`` for every key."""
+def _console_line(message: str, averages: dict[str, float], absent=()) -> str:
+    """Megatron's iteration line with ``key: value |`` set to ``averages`` for every key, and
+    without the fields of the ``absent`` keys."""
+    for key in absent:
+        message = re.sub(rf" {re.escape(key)}: [^|]* \|", "", message, count=1)
     for key, avg in averages.items():
         field = f" {key}: {avg:.6E} |"
         pattern = re.compile(rf" {re.escape(key)}: [^|]* \|")

@@ -300,6 +300,9 @@ def test_in_loop_evaluation_is_the_same_at_tp1_tp2_and_dp2(runs):
         other = evals[name][0]
         for key in ("info_gain", "reasoned_nll", "nothink_nll", "thought_len", "closed_frac"):
             assert abs(ref[f"rlp_eval/{key}"] - other[f"rlp_eval/{key}"]) <= 1e-5, (name, key)
-    line = [l for l in runs["tp2"]["stdout"].splitlines() if " iteration        2/" in l][0]
+    lines = runs["tp2"]["stdout"].splitlines()
+    line = [l for l in lines if " iteration        2/" in l][0]
     assert "rlp_eval/info_gain" in line  # Megatron's console line carries them
+    line = [l for l in lines if " iteration        3/" in l][0]
+    assert "rlp/info_gain" in line and "rlp_eval/" not in line  # not as zeros between evaluations
 

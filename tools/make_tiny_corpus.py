@@ -146,8 +146,8 @@ def train_tokenizer(docs: list[str], out: Path, vocab_size: int, think_tokens: b
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1,
+        sentence_iterator=progress(docs, len(docs), "tokenizer (reading)"), model_writer=model,
+        vocab_size=vocab_size, model_type="bpe", character_coverage=1.0, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1,
         user_defined_symbols=["<think>", "</think>"] if think_tokens else [],
         minloglevel=2, num_threads=1)
     path = out / "tokenizer.model"
