@@ -87,3 +87,27 @@ def test_thoughts_table_from_a_rollout_dump(tmp_path, capsys):
     assert lines["hit (1st token = x_t)"][-3:] == ["0.200", "1.0000", "1.5000"]
     assert lines["other"][-3:] == ["0.200", "-0.1000", "-0.5000"]
     assert lines["distinct thoughts per group: 2.00 (5 thoughts, 2 groups)"]
+
+
+def test_paired_table_from_known_series():
+    """examples/demo/paired.py on series with a known answer: d_i = 0.1·i, exactly linear."""
+    sys.path.insert(0, str(REPO / "examples" / "demo"))
+    import paired
+
+    ctrl, treat = {}, {}
+    for i in range(1, 9):
+        noise = (-1) ** i * 0.5  # shared by both arms: cancels in d, not in the unpaired SE
+        ctrl[i] = {"rlp/info_gain": noise}
+        treat[i] = {"rlp/info_gain": noise + 0.1 * i}
+        if i % 4 == 0:
+            for arm, gain in ((ctrl, -0.3), (treat, -0.3 + 0.01 * i)):
+                arm[i].update({"rlp_eval/info_gain": gain, "rlp_eval/thought_len": 1.0 + i / 8,
+                               "rlp_eval/reasoned_nll": 4.0 - gain})
+    r = paired.seed_row(treat, ctrl)
+    assert r["first_q"] == pytest.approx(0.15) and r["last_q"] == pytest.approx(0.75)
+    assert r["slope100"] == pytest.approx(10.0) and r["slope100_se"] == pytest.approx(0, abs=1e-9)
+    assert r["last_q_se_paired"] == pytest.approx(0.05)
+    assert r["last_q_se_unpaired"] > 0.5  # the shared ±0.5 noise
+    assert r["eval_start"] == pytest.approx(-0.3) and r["eval_diff"] == pytest.approx(0.08)
+    assert r["eval_curve"] == [0.04, 0.08] and r["nll_diff"] == pytest.approx(-0.08)
+    assert r["iters"] == 8
